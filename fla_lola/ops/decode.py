@@ -1,0 +1,115 @@
+"""The one-token step of LoLA in PyTorch: attention over the fixed slots of a :class:`LoLAState`.
+
+No grid, no concatenation that grows with T: the token is written into its P slot, one softmax runs over
+λ cache slots + 2η window slots next to the linear read-out, and at a chunk boundary the state's
+``G ∪ W`` goes through :func:`select_and_fold` before ``P`` moves into ``W``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fla_lola.ops.selection import select_and_fold
+from fla_lola.ops.state import LoLAState, accumulation_dtype
+from fla_lola.ops.utils import EPS
+
+
+def decode_lola_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    window_size: int,
+    cache_size: int,
+    scale: float,
+    mix: str,
+    selection: str,
+    attention_mask: torch.Tensor | None,
+    initial_state: LoLAState | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, LoLAState | None]:
+    """``T == 1``; inputs already checked by :func:`fla_lola.lola_attention`."""
+    B, _, H, D = q.shape
+    Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
+    eta, lam, grp = window_size, cache_size, H // k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    dev = q.device
+    st = initial_state if initial_state is not None else \
+        LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
+    active = torch.ones(B, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask[:, 0] != 0
+    phase = st.seen % eta
+
+    # write the token into slot η + phase of the rows that take one
+    slot = torch.arange(2 * eta, device=dev)
+    put = (slot[None] == eta + phase[:, None]) & active[:, None]                   # [B, 2η]
+    put4 = put[:, None, :, None]
+    wk = torch.where(put4, k.transpose(1, 2), st.window_k)                         # [B, Hkv, 2η, D]
+    wv = torch.where(put4, v.transpose(1, 2), st.window_v)
+    wfk = torch.where(put4, fk.transpose(1, 2), st.window_fk)                      # [B, H, 2η, F]
+    wvalid = torch.cat([(st.seen >= eta)[:, None].expand(B, eta),
+                        slot[None, :eta] < (phase + active)[:, None]], 1)          # [B, 2η]
+
+    # one softmax over cache ∪ window, next to the linear read-out
+    qh = q[:, 0].to(acc)                                                           # [B, H, D]
+    s_w = torch.einsum('bgrd,bgjd->bgrj', qh.view(B, Hkv, grp, D), wk.to(acc)).reshape(B, H, 2 * eta) * scale
+    s_w = s_w.masked_fill(~wvalid[:, None], float('-inf'))
+    s_c = torch.einsum('bhd,bhjd->bhj', qh, st.cache_k.to(acc)) * scale
+    s_c = s_c.masked_fill(st.cache_pos < 0, float('-inf'))
+    m = torch.maximum(s_w.amax(-1), s_c.amax(-1)) if lam > 0 else s_w.amax(-1)     # [B, H]
+    m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p_w, p_c = torch.exp(s_w - m[..., None]), torch.exp(s_c - m[..., None])
+    num = torch.einsum('bgrj,bgjd->bgrd', p_w.view(B, Hkv, grp, 2 * eta), wv.to(acc)).reshape(B, H, Dv) + \
+        torch.einsum('bhj,bhjd->bhd', p_c, st.cache_v.to(acc))
+    den = p_w.sum(-1) + p_c.sum(-1)
+    fqh = fq[:, 0].to(acc)
+    lin_num = torch.einsum('bhf,bhfd->bhd', fqh, st.h)
+    lin_den = torch.einsum('bhf,bhf->bh', fqh, st.s)
+    g = gate.to(acc)[None, :]
+    if mix == 'lola':
+        e = torch.exp(-m)
+        y = (g[..., None] * num + ((1 - g) * e)[..., None] * lin_num) / \
+            (g * den + (1 - g) * e * lin_den + EPS * e)[..., None]
+    else:
+        y = (g[..., None] * num + lin_num) / (g * den + lin_den)[..., None]
+    o = (y * active[:, None, None]).unsqueeze(1).to(q.dtype)
+    if not output_final_state:
+        return o, None
+
+    h, s = st.h, st.s
+    ck, cv, cfk, cpos = st.cache_k, st.cache_v, st.cache_fk, st.cache_pos
+    boundary = active & (phase + 1 == eta)
+    if bool(boundary.any()):
+        # rows with a previous chunk W: select from G ∪ W and fold the rest
+        sel = boundary & (st.seen >= eta)
+        if bool(sel.any()):
+            def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
+                return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
+            w_pos = ((st.seen // eta - 1) * eta)[:, None] + slot[None, :eta]     # [B, η]
+            new = select_and_fold(
+                selection, lam, h.reshape(B * H, F, Dv), s.reshape(B * H, F),
+                torch.cat([ck.reshape(B * H, lam, D), heads(wk[:, :, :eta])], 1),
+                torch.cat([cv.reshape(B * H, lam, Dv), heads(wv[:, :, :eta])], 1),
+                torch.cat([cfk.reshape(B * H, lam, F), wfk[:, :, :eta].reshape(B * H, eta, F)], 1),
+                torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1),
+                torch.arange(H, device=dev).repeat(B),
+            )
+            u = sel[:, None]
+            h = torch.where(u[..., None, None], new[0].view(B, H, F, Dv), h)
+            s = torch.where(u[..., None], new[1].view(B, H, F), s)
+            ck = torch.where(u[..., None, None], new[2].view(B, H, lam, D).to(ck.dtype), ck)
+            cv = torch.where(u[..., None, None], new[3].view(B, H, lam, Dv).to(cv.dtype), cv)
+            cfk = torch.where(u[..., None, None], new[4].view(B, H, lam, F).to(cfk.dtype), cfk)
+            cpos = torch.where(u[..., None], new[5].view(B, H, lam), cpos)
+        # then W <- P and P <- ∅
+        b4 = boundary[:, None, None, None]
+
+        def shift(x):
+            return torch.where(b4, torch.cat([x[:, :, eta:], torch.zeros_like(x[:, :, eta:])], 2), x)
+        wk, wv, wfk = shift(wk), shift(wv), shift(wfk)
+
+    final = LoLAState(h=h, s=s, cache_k=ck, cache_v=cv, cache_fk=cfk, cache_pos=cpos,
+                      window_k=wk, window_v=wv, window_fk=wfk, seen=st.seen + active.long())
+    return o, final

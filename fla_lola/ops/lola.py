@@ -1,0 +1,96 @@
+"""``lola_attention``: the public entry point, checking inputs and choosing a backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fla_lola.ops.chunk import chunk_lola_attention
+from fla_lola.ops.decode import decode_lola_attention
+from fla_lola.ops.naive import naive_lola_attention
+from fla_lola.ops.state import LoLAState
+from fla_lola.ops.utils import BACKENDS, check_inputs
+
+
+@torch.compiler.disable
+def lola_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    window_size: int,
+    cache_size: int,
+    scale: float | None = None,
+    mix: str = 'lola',
+    selection: str = 'sre',
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.LongTensor | None = None,
+    initial_state: LoLAState | None = None,
+    output_final_state: bool = False,
+    backend: str = 'auto',
+    validate: bool = True,
+) -> tuple[torch.Tensor, LoLAState | None]:
+    r"""LoLA attention: sliding window + sparse cache (exact softmax) + linear memory, one normalizer.
+
+    Computes exactly what ``LOLA_SPEC.md`` defines, for every backend.
+
+    Args:
+        q (torch.Tensor): queries of shape ``[B, T, H, D]``.
+        k (torch.Tensor): keys of shape ``[B, T, Hkv, D]``; ``H % Hkv == 0`` (GQA: key head ``g`` serves
+            query heads ``g * H/Hkv`` to ``(g+1) * H/Hkv - 1``).
+        v (torch.Tensor): values of shape ``[B, T, Hkv, Dv]``.
+        fq (torch.Tensor): non-negative query features ``φ(q)`` of shape ``[B, T, H, F]``.
+        fk (torch.Tensor): non-negative key features ``φ(k)`` of shape ``[B, T, H, F]`` (per query head).
+        gate (torch.Tensor): mixing weights ``γ`` in ``(0, 1)`` of shape ``[H]``.
+        window_size (int): η ≥ 1, the window and chunk size.
+        cache_size (int): λ ≥ 0, the sparse-cache capacity.
+        scale (Optional[float]): softmax scale. Default ``D ** -0.5``.
+        mix (str): ``"lola"`` (the LoLA normalizer) or ``"lolcats"`` (what LoLCATs checkpoints use).
+        selection (str): cache selection score: ``"sre"`` (self-recall error, the spec) or, for ablations,
+            ``"recency"``, ``"value_norm"``, ``"random"`` (a fixed hash of position and head).
+        attention_mask (Optional[torch.Tensor]): ``[B, T]`` of 0/1, left or right padding. Padding enters
+            no memory, moves no chunk boundary, and its outputs are zero.
+        cu_seqlens (Optional[torch.LongTensor]): ``[N+1]`` cumulative lengths of ``N`` sequences packed
+            along ``T`` (``B == 1``), fla's varlen convention; each sequence has its own state row.
+        initial_state (Optional[LoLAState]): the state to continue from, one row per batch row (or per
+            packed sequence). Never modified.
+        output_final_state (bool): whether to return the state after this call.
+        backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
+            ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
+        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range). Shapes are
+            always checked; a decode loop over trusted inputs may turn this off.
+
+    Returns:
+        o (torch.Tensor): ``[B, T, H, Dv]`` in the dtype of ``q``, zero at padding.
+        final_state (Optional[LoLAState]): the state after this call if ``output_final_state``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend`: must be one of {BACKENDS}, got {backend!r}")
+    scale = check_inputs(q, k, v, fq, fk, gate, window_size, cache_size, scale, mix, selection,
+                         attention_mask, cu_seqlens, initial_state, validate)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
+    if backend == 'auto':
+        backend = 'triton' if q.is_cuda and not needs_grad and selection == 'sre' else 'torch'
+    kwargs = dict(window_size=window_size, cache_size=cache_size, scale=scale, mix=mix, selection=selection,
+                  attention_mask=attention_mask, initial_state=initial_state, output_final_state=output_final_state)
+
+    if backend == 'naive':
+        return naive_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, validate=False, **kwargs)
+    if backend == 'triton':
+        if needs_grad:
+            raise ValueError("`backend`: 'triton' is inference-only; inputs require grad, use 'torch' "
+                             "(or run under torch.no_grad())")
+        if not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+            raise ValueError("`backend`: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                             "importing triton to run its interpreter on CPU")
+        if selection != 'sre':
+            raise ValueError(f"`selection`: the triton backend implements 'sre' only, got {selection!r}")
+        from fla_lola.kernels import triton_lola_attention
+        return triton_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
+    if q.shape[1] == 1 and cu_seqlens is None:
+        return decode_lola_attention(q, k, v, fq, fk, gate, **kwargs)
+    return chunk_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
