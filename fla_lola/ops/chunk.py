@@ -65,20 +65,29 @@ def chunk_lola_attention(
     end = phase + rows.lengths                                   # [N] grid slot after each row's last token
     C = max(1, -(-int(end.max()) // eta)) if N > 0 else 1        # query chunks
     G_len = (C + 2) * eta                                        # + the state's W in front, an empty chunk behind
-    tb, tt = rows.valid.nonzero(as_tuple=True)                   # real tokens, in (b, t) order
-    tr = rows.row[tb, tt]
-    slot = eta + phase[tr] + rows.index[tb, tt]                  # grid slot of each real token
+    # every row takes all T tokens at the same phase: the grid is a concatenation, no scatter
+    uniform = attention_mask is None and cu_seqlens is None and bool((phase == phase[0]).all())
+    p0 = int(phase[0])
+    if not uniform:
+        tb, tt = rows.valid.nonzero(as_tuple=True)               # real tokens, in (b, t) order
+        tr = rows.row[tb, tt]
+        slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
 
-    def grid(x, state_window):  # x [B, T, heads, d] -> [N, G_len, heads, d] holding state window + tokens
-        g = x.new_zeros(N, G_len, x.shape[2], x.shape[3])
-        g = torch.cat([state_window.transpose(1, 2), g[:, 2 * eta:]], dim=1)
+    def grid(x, state_window=None):  # [B, T, heads, d] -> [N, G_len, heads, d]: state window + tokens
+        lead = state_window.transpose(1, 2)[:, :eta + p0] if state_window is not None else \
+            x.new_zeros(N, eta + p0, x.shape[2], x.shape[3])
+        if uniform:
+            tail = x.new_zeros(N, G_len - eta - p0 - T, x.shape[2], x.shape[3])
+            return torch.cat([lead, x, tail], dim=1)
+        g = torch.cat([state_window.transpose(1, 2), x.new_zeros(N, G_len - 2 * eta, x.shape[2], x.shape[3])], 1) \
+            if state_window is not None else x.new_zeros(N, G_len, x.shape[2], x.shape[3])
         return g.index_put((tr, slot), x[tb, tt])
 
     k_g = grid(k, state.window_k)                                # [N, G_len, Hkv, D]
     v_g = grid(v, state.window_v)
     fk_g = grid(fk, state.window_fk)                             # [N, G_len, H, F]
-    q_g = q.new_zeros(N, G_len, H, D).index_put((tr, slot), q[tb, tt])[:, eta:(C + 1) * eta]
-    fq_g = fq.new_zeros(N, G_len, H, F).index_put((tr, slot), fq[tb, tt])[:, eta:(C + 1) * eta]
+    q_g = grid(q)[:, eta:(C + 1) * eta]                          # [N, C*η, H, D]
+    fq_g = grid(fq)[:, eta:(C + 1) * eta]
 
     g_idx = torch.arange(G_len, device=dev)
     kvalid = ((g_idx[None] >= eta) & (g_idx[None] < eta + end[:, None])) | \
@@ -86,108 +95,104 @@ def chunk_lola_attention(
     pos = (state.seen // eta - 1)[:, None] * eta + g_idx[None]   # absolute position of each slot
     pos = torch.where(kvalid, pos, torch.full_like(pos, -1))
 
-    def per_head(x, d, heads):  # [N, G, heads, d] -> [M, chunks, η, d], kv heads repeated for their group
+    def per_head(x, heads):  # [N, G, heads, d] -> [M, chunks, η, d], kv heads repeated for their group
         x = x.permute(0, 2, 1, 3)
         if heads != H:
             x = x.repeat_interleave(H // heads, dim=1)
-        return x.reshape(M, -1, eta, d).to(acc)
+        return x.reshape(M, -1, eta, x.shape[-1]).to(acc)
 
-    K, V, FK = per_head(k_g, D, Hkv), per_head(v_g, Dv, Hkv), per_head(fk_g, F, H)   # [M, C+2, η, ·]
-    Q, FQ = per_head(q_g, D, H), per_head(fq_g, F, H)                                # [M, C, η, ·]
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
+    K, FK = per_head(k_g, Hkv), per_head(fk_g, H)                                    # [M, C+2, η, ·]
+    # values carry a last column of ones (zero at invalid slots): one product gives numerator and denominator
+    V1 = torch.cat([per_head(v_g, Hkv), kval.unsqueeze(-1).to(acc)], -1)            # [M, C+2, η, Dv+1]
+    Q, FQ = per_head(q_g, H), per_head(fq_g, H)                                      # [M, C, η, ·]
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
-    gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
+    gamma = gate.to(acc).repeat(N)[:, None]                                          # [M, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
     causal = torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()
 
-    h = state.h.reshape(M, F, Dv)
-    s = state.s.reshape(M, F)
+    # the memory [H | s] and the cache, values with their ones column
+    hs = torch.cat([state.h, state.s.unsqueeze(-1)], -1).reshape(M, F, Dv + 1)
     ck = state.cache_k.reshape(M, lam, D).to(acc)
-    cv = state.cache_v.reshape(M, lam, Dv).to(acc)
-    cfk = state.cache_fk.reshape(M, lam, F).to(acc)
     cpos = state.cache_pos.reshape(M, lam)
+    cv1 = torch.cat([state.cache_v.reshape(M, lam, Dv).to(acc), (cpos >= 0).unsqueeze(-1).to(acc)], -1)
+    cfk = state.cache_fk.reshape(M, lam, F).to(acc)
 
     block = max(1, _WINDOW_BLOCK_ELEMENTS // max(1, M * eta * eta))
-    outs = []
+    y = Q.new_empty(M, C, eta, Dv)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         # ---- 1. window part for chunks c0..c1, in parallel ---------------------------------
         q_blk = Q[:, c0:c1]
         s_prev = torch.einsum('mcid,mcjd->mcij', q_blk, K[:, c0:c1]) * scale
         s_cur = torch.einsum('mcid,mcjd->mcij', q_blk, K[:, c0 + 1:c1 + 1]) * scale
-        s_prev = s_prev.masked_fill(~kval[:, c0:c1, None, :], float('-inf'))
-        s_cur = s_cur.masked_fill(~(kval[:, c0 + 1:c1 + 1, None, :] & causal), float('-inf'))
+        s_prev = s_prev.masked_fill_(~kval[:, c0:c1, None, :], float('-inf'))
+        s_cur = s_cur.masked_fill_(~(kval[:, c0 + 1:c1 + 1, None, :] & causal), float('-inf'))
         m_win = torch.maximum(s_prev.amax(-1), s_cur.amax(-1))               # [M, cb, η]
-        m_safe = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
-        p_prev = torch.exp(s_prev - m_safe.unsqueeze(-1))
-        p_cur = torch.exp(s_cur - m_safe.unsqueeze(-1))
-        num_win = p_prev @ V[:, c0:c1] + p_cur @ V[:, c0 + 1:c1 + 1]        # [M, cb, η, Dv]
-        den_win = p_prev.sum(-1) + p_cur.sum(-1)                             # [M, cb, η]
+        m_win = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
+        nd_win = torch.exp(s_prev - m_win.unsqueeze(-1)) @ V1[:, c0:c1] + \
+            torch.exp(s_cur - m_win.unsqueeze(-1)) @ V1[:, c0 + 1:c1 + 1]    # [M, cb, η, Dv+1]
 
         for c in range(c0, c1):
             j = c - c0
-            qc, fqc = Q[:, c], FQ[:, c]
             # ---- 2. cache part + linear read-out, merged under one max ----------------------
-            m = m_safe[:, j]
+            m = m_win[:, j]
             if lam > 0:
-                s_g = torch.bmm(qc, ck.transpose(1, 2)) * scale
-                s_g = s_g.masked_fill((cpos < 0)[:, None, :], float('-inf'))
+                s_g = torch.bmm(Q[:, c], ck.transpose(1, 2)).mul_(scale)
+                s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
                 m = torch.maximum(m, s_g.amax(-1))
-            m = m.clamp(min=0) if mix == 'lola' else m
-            rescale = torch.exp(m_safe[:, j] - m)
-            num = num_win[:, j] * rescale.unsqueeze(-1)
-            den = den_win[:, j] * rescale
-            if lam > 0:
-                p_g = torch.exp(s_g - m.unsqueeze(-1))
-                num = num + torch.bmm(p_g, cv)
-                den = den + p_g.sum(-1)
-            lin_num = torch.bmm(fqc, h)
-            lin_den = torch.bmm(fqc, s.unsqueeze(-1)).squeeze(-1)
             if mix == 'lola':
-                e = torch.exp(-m)
-                y = (gamma * num + (1 - gamma) * e.unsqueeze(-1) * lin_num) / \
-                    (gamma.squeeze(-1) * den + (1 - gamma.squeeze(-1)) * e * lin_den + EPS * e).unsqueeze(-1)
+                m = m.clamp(min=0)
+            nd = nd_win[:, j] * torch.exp(m_win[:, j] - m).unsqueeze(-1)     # [M, η, Dv+1]
+            if lam > 0:
+                nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cv1)
+            lin = torch.bmm(FQ[:, c], hs)                                       # [M, η, Dv+1]
+            if mix == 'lola':
+                e = torch.exp(-m).unsqueeze(-1)
+                out = gamma[:, :, None] * nd + (1 - gamma[:, :, None]) * e * lin
+                y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
             else:
-                y = (gamma * num + lin_num) / (gamma.squeeze(-1) * den + lin_den).unsqueeze(-1)
-            outs.append(y)
+                out = gamma[:, :, None] * nd + lin
+                y[:, c] = out[..., :-1] / out[..., -1:]
 
             # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
             update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
             if not bool(update.any()):
                 continue
-            cand_pos = torch.cat([cpos, kpos[:, c]], 1)
             new = select_and_fold(
-                selection, lam, h, s,
-                torch.cat([ck, K[:, c]], 1), torch.cat([cv, V[:, c]], 1), torch.cat([cfk, FK[:, c]], 1),
-                cand_pos, heads,
+                selection, lam, hs, torch.cat([ck, K[:, c]], 1), torch.cat([cv1, V1[:, c]], 1),
+                torch.cat([cfk, FK[:, c]], 1), torch.cat([cpos, kpos[:, c]], 1), heads,
             )
-            u = update[:, None]
-            h = torch.where(u[:, :, None], new[0], h)
-            s = torch.where(u, new[1], s)
-            ck = torch.where(u[:, :, None], new[2], ck)
-            cv = torch.where(u[:, :, None], new[3], cv)
-            cfk = torch.where(u[:, :, None], new[4], cfk)
-            cpos = torch.where(u, new[5], cpos)
+            if bool(update.all()):
+                hs, ck, cv1, cfk, cpos = new
+            else:
+                u = update[:, None, None]
+                hs, ck, cv1, cfk = (torch.where(u, a, b) for a, b in zip(new[:4], (hs, ck, cv1, cfk)))
+                cpos = torch.where(update[:, None], new[4], cpos)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
-    y = torch.stack(outs, 1).view(N, H, C * eta, Dv).transpose(1, 2)          # [N, C*η, H, Dv]
-    o = q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta]).to(q.dtype)
+    y = y.view(N, H, C * eta, Dv).transpose(1, 2)                              # [N, C*η, H, Dv]
+    if uniform:
+        o = y[:, p0:p0 + T].to(q.dtype)
+    else:
+        o = q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta]).to(q.dtype)
     if not output_final_state:
         return o, None
 
     # ---- final state: W and P are the grid chunks around each row's end ---------------------
     last = end // eta                                                          # P = grid chunk `last`
-    chunks = torch.stack([last, last + 1], 1)                                  # ext indices of W, P
+    chunks = torch.stack([last, last + 1], 1)                                  # grid indices of W, P
 
     def window(x):  # [N, G_len, heads, d] -> [N, heads, 2η, d]
         x = x.view(N, C + 2, eta, x.shape[2], x.shape[3])
         idx = chunks[:, :, None, None, None].expand(-1, -1, eta, x.shape[3], x.shape[4])
         return x.gather(1, idx).reshape(N, 2 * eta, x.shape[3], x.shape[4]).transpose(1, 2).contiguous()
 
+    hs = hs.view(N, H, F, Dv + 1)
     final = LoLAState(
-        h=h.view(N, H, F, Dv), s=s.view(N, H, F),
-        cache_k=ck.view(N, H, lam, D).to(q.dtype), cache_v=cv.view(N, H, lam, Dv).to(q.dtype),
+        h=hs[..., :-1].contiguous(), s=hs[..., -1].contiguous(),
+        cache_k=ck.view(N, H, lam, D).to(q.dtype), cache_v=cv1[..., :-1].reshape(N, H, lam, Dv).to(q.dtype),
         cache_fk=cfk.view(N, H, lam, F).to(q.dtype), cache_pos=cpos.view(N, H, lam),
         window_k=window(k_g), window_v=window(v_g), window_fk=window(fk_g),
         seen=state.seen + rows.lengths,

@@ -88,21 +88,24 @@ def decode_lola_attention(
             def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
                 return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
             w_pos = ((st.seen // eta - 1) * eta)[:, None] + slot[None, :eta]     # [B, η]
+            hs = torch.cat([h, s.unsqueeze(-1)], -1).reshape(B * H, F, Dv + 1)
+            cand_v = torch.cat([cv.reshape(B * H, lam, Dv), heads(wv[:, :, :eta])], 1)
+            cand_pos = torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
             new = select_and_fold(
-                selection, lam, h.reshape(B * H, F, Dv), s.reshape(B * H, F),
+                selection, lam, hs,
                 torch.cat([ck.reshape(B * H, lam, D), heads(wk[:, :, :eta])], 1),
-                torch.cat([cv.reshape(B * H, lam, Dv), heads(wv[:, :, :eta])], 1),
+                torch.cat([cand_v, (cand_pos >= 0).unsqueeze(-1).to(cand_v.dtype)], -1),
                 torch.cat([cfk.reshape(B * H, lam, F), wfk[:, :, :eta].reshape(B * H, eta, F)], 1),
-                torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1),
-                torch.arange(H, device=dev).repeat(B),
+                cand_pos, torch.arange(H, device=dev).repeat(B),
             )
-            u = sel[:, None]
-            h = torch.where(u[..., None, None], new[0].view(B, H, F, Dv), h)
-            s = torch.where(u[..., None], new[1].view(B, H, F), s)
-            ck = torch.where(u[..., None, None], new[2].view(B, H, lam, D).to(ck.dtype), ck)
-            cv = torch.where(u[..., None, None], new[3].view(B, H, lam, Dv).to(cv.dtype), cv)
-            cfk = torch.where(u[..., None, None], new[4].view(B, H, lam, F).to(cfk.dtype), cfk)
-            cpos = torch.where(u[..., None], new[5].view(B, H, lam), cpos)
+            u = sel[:, None, None, None]
+            hs = new[0].view(B, H, F, Dv + 1)
+            h = torch.where(u, hs[..., :-1], h)
+            s = torch.where(sel[:, None, None], hs[..., -1], s)
+            ck = torch.where(u, new[1].view(B, H, lam, D), ck)
+            cv = torch.where(u, new[2][..., :-1].reshape(B, H, lam, Dv), cv)
+            cfk = torch.where(u, new[3].view(B, H, lam, F), cfk)
+            cpos = torch.where(sel[:, None, None], new[4].view(B, H, lam), cpos)
         # then W <- P and P <- ∅
         b4 = boundary[:, None, None, None]
 
