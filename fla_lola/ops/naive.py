@@ -99,6 +99,7 @@ def _step(mem, pair, q, fq, gamma, scale, mix, selection, eta, lam, head):
     return y
 
 
+@torch.no_grad()
 def _score(mem, p, selection, head):
     if selection == 'sre':  # self-recall error against the memory as it is now
         recall = (mem['H'].T @ p['fk']) / (mem['s'] @ p['fk'] + EPS)

@@ -1,0 +1,88 @@
+"""Bad input raises a ValueError that names the argument, and a failed call changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lola_problems import assert_states_equal, make_problem
+
+from fla_lola import LoLAState, lola_attention, naive_lola_attention
+
+P = make_problem(0, B=2, T=6, H=2, Hkv=1, D=4, Dv=3, F=3, window_size=2, cache_size=2, dtype=torch.float32)
+
+
+def base():
+    return dict(q=P.q.clone(), k=P.k.clone(), v=P.v.clone(), fq=P.fq.clone(), fk=P.fk.clone(), gate=P.gate.clone(),
+                window_size=2, cache_size=2)
+
+
+def with_value(name, index, value):
+    def edit(a):
+        a[name][index] = value
+    return edit
+
+
+def setter(name, value):
+    def edit(a):
+        a[name] = value(a) if callable(value) else value
+    return edit
+
+
+CASES = [
+    ('q', setter('q', lambda a: a['q'][0])),                                  # wrong rank
+    ('k', setter('k', lambda a: a['k'][:, :5])),                              # wrong T
+    ('k', setter('k', lambda a: torch.cat([a['k']] * 3, 2))),                 # H % Hkv != 0
+    ('v', setter('v', lambda a: a['v'][:, :, :, :, None].expand(-1, -1, 2, -1, -1).flatten(2, 3))),
+    ('fk', setter('fk', lambda a: a['fk'][..., :2])),                         # features differ from fq
+    ('fq', setter('fq', lambda a: a['fq'].double())),                         # dtype mismatch
+    ('q', setter('q', lambda a: a['q'].long())),                              # not floating
+    ('gate', setter('gate', lambda a: a['gate'][:1])),                        # wrong shape
+    ('gate', with_value('gate', 0, 1.0)),                                     # γ not in (0, 1)
+    ('gate', with_value('gate', 1, 0.0)),
+    ('window_size', setter('window_size', 0)),                                # η < 1
+    ('cache_size', setter('cache_size', -1)),                                 # λ < 0
+    ('window_size', setter('window_size', 2.0)),
+    ('q', with_value('q', (0, 1, 0, 0), float('nan'))),                       # NaN / Inf
+    ('k', with_value('k', (1, 2, 0, 3), float('inf'))),
+    ('v', with_value('v', (0, 0, 0, 0), float('-inf'))),
+    ('fk', with_value('fk', (0, 0, 0, 0), float('nan'))),
+    ('fq', with_value('fq', (0, 0, 0, 0), -0.1)),                             # negative features
+    ('mix', setter('mix', 'softmax')),
+    ('selection', setter('selection', 'attention')),
+    ('scale', setter('scale', -1.0)),
+    ('attention_mask', setter('attention_mask', torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 2, 1, 0, 0]]))),  # not 0/1
+    ('attention_mask', setter('attention_mask', torch.tensor([[1, 0, 1, 1, 1, 1], [1] * 6]))),   # a hole
+    ('attention_mask', setter('attention_mask', torch.ones(2, 5))),
+    ('cu_seqlens', setter('cu_seqlens', torch.tensor([0, 3, 6]))),           # B != 1
+    ('initial_state', setter('initial_state', LoLAState.empty(2, 2, 1, 4, 3, 3, 3, 2))),    # other η
+    ('initial_state', setter('initial_state', LoLAState.empty(3, 2, 1, 4, 3, 3, 2, 2))),    # other batch
+    ('initial_state', setter('initial_state', LoLAState.empty(2, 2, 1, 4, 3, 3, 2, 2, dtype=torch.float64))),
+    ('backend', setter('backend', 'cuda')),
+]
+
+
+@pytest.mark.parametrize('fn', ['lola_attention', 'naive_lola_attention'])
+@pytest.mark.parametrize('name,edit', CASES, ids=[f'{i}-{c[0]}' for i, c in enumerate(CASES)])
+def test_bad_input_raises_value_error_naming_it_and_mutates_nothing(fn, name, edit):
+    if fn == 'naive_lola_attention' and name == 'backend':
+        pytest.skip('the naive reference has no backend argument')
+    _, state = lola_attention(*P.tensors, window_size=2, cache_size=2, output_final_state=True)
+    args = base()
+    args['initial_state'] = state
+    edit(args)
+    snapshot = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    state_before = args['initial_state'].clone()
+    f = lola_attention if fn == 'lola_attention' else naive_lola_attention
+    positional = [args.pop(k) for k in ('q', 'k', 'v', 'fq', 'fk', 'gate')]
+    with pytest.raises(ValueError, match=f'`{name}`'):
+        f(*positional, output_final_state=True, **args)
+    for k, v in zip(('q', 'k', 'v', 'fq', 'fk', 'gate'), positional):
+        assert torch.equal(v.nan_to_num(), snapshot[k].nan_to_num()), k
+    assert_states_equal(args['initial_state'], state_before, atol=0, rtol=0)
+
+
+def test_the_cu_seqlens_state_needs_one_row_per_sequence():
+    x = [t[:1] for t in P.tensors[:5]] + [P.gate]
+    with pytest.raises(ValueError, match='`initial_state`'):
+        lola_attention(*x, window_size=2, cache_size=2, cu_seqlens=torch.tensor([0, 2, 6]),
+                       initial_state=LoLAState.empty(1, 2, 1, 4, 3, 3, 2, 2))
