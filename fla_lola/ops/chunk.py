@@ -154,7 +154,10 @@ def chunk_lola_attention(
                 y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
             else:
                 out = gamma[:, :, None] * nd + lin
-                y[:, c] = out[..., :-1] / out[..., -1:]
+                # only padding slots (no key at all) can have a zero denominator: keep them finite, and their
+                # gradients too
+                den = out[..., -1:]
+                y[:, c] = out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
 
             # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
             update = (row_end >= (c + 1) * eta) & kval[:, c, 0]

@@ -73,8 +73,9 @@ def decode_lola_attention(
         y = (g[..., None] * num + ((1 - g) * e)[..., None] * lin_num) / \
             (g * den + (1 - g) * e * lin_den + EPS * e)[..., None]
     else:
-        y = (g[..., None] * num + lin_num) / (g * den + lin_den)[..., None]
-    o = (y * active[:, None, None]).unsqueeze(1).to(q.dtype)
+        den = g * den + lin_den  # zero only for a padding row with an empty state
+        y = (g[..., None] * num + lin_num) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    o = torch.where(active[:, None, None], y, torch.zeros_like(y)).unsqueeze(1).to(q.dtype)
     if not output_final_state:
         return o, None
 
