@@ -50,10 +50,13 @@ def main():
     ap.add_argument('--cache-size', type=int, default=64)
     ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--decode-repeats', type=int, default=50)
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
     ap.add_argument('--json', default=None)
     ap.add_argument('--png', default=None)
     args = ap.parse_args()
     H, D, Fd, eta, lam = args.heads, args.head_dim, args.feature_dim, args.window_size, args.cache_size
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = torch.float32
     rows = []
     torch.set_grad_enabled(False)
@@ -86,8 +89,9 @@ def main():
             state_bytes=state.nbytes(), kv_cache_bytes=kv_bytes,
         ))
         r = rows[-1]
+        sdpa_txt = '—' if t_sdpa is None else f"{r['sdpa_tok_s']:.0f}"
         print(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), "
-              f"SDPA {'—' if t_sdpa is None else f'{r['sdpa_tok_s']:.0f}'} tok/s; decode {r['lola_decode_ms']:.3f} ms vs "
+              f"SDPA {sdpa_txt} tok/s; decode {r['lola_decode_ms']:.3f} ms vs "
               f"SDPA {r['sdpa_decode_ms']:.3f} ms; state {r['state_bytes'] / 2**20:.2f} MiB vs KV "
               f"{kv_bytes / 2**20:.1f} MiB", flush=True)
 

@@ -103,57 +103,60 @@ def chunk_lola_attention(
 
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
-    K, FK = per_head(k_g, Hkv), per_head(fk_g, H)                                    # [M, C+2, η, ·]
-    # values carry a last column of ones (zero at invalid slots): one product gives numerator and denominator
-    V1 = torch.cat([per_head(v_g, Hkv), kval.unsqueeze(-1).to(acc)], -1)            # [M, C+2, η, Dv+1]
+    # each slot's pair packed as [k | v | 1 | φk] (the 1 is 0 at invalid slots): one tensor to concatenate and
+    # gather at boundaries, and [v | 1] gives a numerator and its denominator in one product
+    PAIRS = torch.cat([per_head(k_g, Hkv), per_head(v_g, Hkv), kval.unsqueeze(-1).to(acc), per_head(fk_g, H)], -1)
+    K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
     Q, FQ = per_head(q_g, H), per_head(fq_g, H)                                      # [M, C, η, ·]
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
-    gamma = gate.to(acc).repeat(N)[:, None]                                          # [M, 1]
+    gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
-    causal = torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()
+    # a query at slot i of its chunk sees all of W and slots 0..i of its own chunk
+    visible = torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
+                         torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)
 
-    # the memory [H | s] and the cache, values with their ones column
+    def pairs(x, c0, c1):  # [M, C+2, η, ...] -> [M, c1-c0, 2η, ...]: grid chunks (c, c+1) for c in c0..c1
+        st = x.stride()
+        return x[:, c0:].as_strided((M, c1 - c0, 2 * eta) + x.shape[3:], (st[0], st[1], st[2]) + st[3:])
+
+    # the memory [H | s] and the cache, packed like the grid
     hs = torch.cat([state.h, state.s.unsqueeze(-1)], -1).reshape(M, F, Dv + 1)
-    ck = state.cache_k.reshape(M, lam, D).to(acc)
     cpos = state.cache_pos.reshape(M, lam)
-    cv1 = torch.cat([state.cache_v.reshape(M, lam, Dv).to(acc), (cpos >= 0).unsqueeze(-1).to(acc)], -1)
-    cfk = state.cache_fk.reshape(M, lam, F).to(acc)
+    cache = torch.cat([state.cache_k.reshape(M, lam, D).to(acc), state.cache_v.reshape(M, lam, Dv).to(acc),
+                       (cpos >= 0).unsqueeze(-1).to(acc), state.cache_fk.reshape(M, lam, F).to(acc)], -1)
 
     block = max(1, _WINDOW_BLOCK_ELEMENTS // max(1, M * eta * eta))
     y = Q.new_empty(M, C, eta, Dv)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         # ---- 1. window part for chunks c0..c1, in parallel ---------------------------------
-        q_blk = Q[:, c0:c1]
-        s_prev = torch.einsum('mcid,mcjd->mcij', q_blk, K[:, c0:c1]) * scale
-        s_cur = torch.einsum('mcid,mcjd->mcij', q_blk, K[:, c0 + 1:c1 + 1]) * scale
-        s_prev = s_prev.masked_fill_(~kval[:, c0:c1, None, :], float('-inf'))
-        s_cur = s_cur.masked_fill_(~(kval[:, c0 + 1:c1 + 1, None, :] & causal), float('-inf'))
-        m_win = torch.maximum(s_prev.amax(-1), s_cur.amax(-1))               # [M, cb, η]
+        # each query chunk c sees grid chunks c (its W) and c+1 (itself): overlapping 2η-slot views
+        s_win = Q[:, c0:c1] @ pairs(K, c0, c1).transpose(-1, -2) * scale      # [M, cb, η, 2η]
+        s_win = s_win.masked_fill_(~(pairs(kval, c0, c1).unsqueeze(-2) & visible), float('-inf'))
+        m_win = s_win.amax(-1)                                                 # [M, cb, η]
         m_win = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
-        nd_win = torch.exp(s_prev - m_win.unsqueeze(-1)) @ V1[:, c0:c1] + \
-            torch.exp(s_cur - m_win.unsqueeze(-1)) @ V1[:, c0 + 1:c1 + 1]    # [M, cb, η, Dv+1]
+        nd_win = torch.exp(s_win.sub_(m_win.unsqueeze(-1))) @ pairs(V1, c0, c1)   # [M, cb, η, Dv+1]
 
         for c in range(c0, c1):
             j = c - c0
             # ---- 2. cache part + linear read-out, merged under one max ----------------------
             m = m_win[:, j]
             if lam > 0:
-                s_g = torch.bmm(Q[:, c], ck.transpose(1, 2)).mul_(scale)
+                s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2)).mul_(scale)
                 s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
                 m = torch.maximum(m, s_g.amax(-1))
             if mix == 'lola':
                 m = m.clamp(min=0)
             nd = nd_win[:, j] * torch.exp(m_win[:, j] - m).unsqueeze(-1)     # [M, η, Dv+1]
             if lam > 0:
-                nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cv1)
+                nd = torch.baddbmm(nd, torch.exp(s_g.sub_(m.unsqueeze(-1))), cache[..., D:D + Dv + 1])
             lin = torch.bmm(FQ[:, c], hs)                                       # [M, η, Dv+1]
             if mix == 'lola':
                 e = torch.exp(-m).unsqueeze(-1)
-                out = gamma[:, :, None] * nd + (1 - gamma[:, :, None]) * e * lin
+                out = gamma * nd + (1 - gamma) * e * lin
                 y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
             else:
-                out = gamma[:, :, None] * nd + lin
+                out = gamma * nd + lin
                 # only padding slots (no key at all) can have a zero denominator: keep them finite, and their
                 # gradients too
                 den = out[..., -1:]
@@ -163,16 +166,14 @@ def chunk_lola_attention(
             update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
             if not bool(update.any()):
                 continue
-            new = select_and_fold(
-                selection, lam, hs, torch.cat([ck, K[:, c]], 1), torch.cat([cv1, V1[:, c]], 1),
-                torch.cat([cfk, FK[:, c]], 1), torch.cat([cpos, kpos[:, c]], 1), heads,
-            )
+            new_hs, new_cache, new_pos = select_and_fold(
+                selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1), torch.cat([cpos, kpos[:, c]], 1), heads, D)
             if bool(update.all()):
-                hs, ck, cv1, cfk, cpos = new
+                hs, cache, cpos = new_hs, new_cache, new_pos
             else:
                 u = update[:, None, None]
-                hs, ck, cv1, cfk = (torch.where(u, a, b) for a, b in zip(new[:4], (hs, ck, cv1, cfk)))
-                cpos = torch.where(update[:, None], new[4], cpos)
+                hs, cache = torch.where(u, new_hs, hs), torch.where(u, new_cache, cache)
+                cpos = torch.where(update[:, None], new_pos, cpos)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
     y = y.view(N, H, C * eta, Dv).transpose(1, 2)                              # [N, C*η, H, Dv]
@@ -193,10 +194,11 @@ def chunk_lola_attention(
         return x.gather(1, idx).reshape(N, 2 * eta, x.shape[3], x.shape[4]).transpose(1, 2).contiguous()
 
     hs = hs.view(N, H, F, Dv + 1)
+    cache = cache.view(N, H, lam, D + Dv + 1 + F).to(q.dtype)
     final = LoLAState(
         h=hs[..., :-1].contiguous(), s=hs[..., -1].contiguous(),
-        cache_k=ck.view(N, H, lam, D).to(q.dtype), cache_v=cv1[..., :-1].reshape(N, H, lam, Dv).to(q.dtype),
-        cache_fk=cfk.view(N, H, lam, F).to(q.dtype), cache_pos=cpos.view(N, H, lam),
+        cache_k=cache[..., :D].contiguous(), cache_v=cache[..., D:D + Dv].contiguous(),
+        cache_fk=cache[..., D + Dv + 1:].contiguous(), cache_pos=cpos.view(N, H, lam),
         window_k=window(k_g), window_v=window(v_g), window_fk=window(fk_g),
         seen=state.seen + rows.lengths,
     )

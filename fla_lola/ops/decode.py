@@ -90,23 +90,21 @@ def decode_lola_attention(
                 return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
             w_pos = ((st.seen // eta - 1) * eta)[:, None] + slot[None, :eta]     # [B, η]
             hs = torch.cat([h, s.unsqueeze(-1)], -1).reshape(B * H, F, Dv + 1)
-            cand_v = torch.cat([cv.reshape(B * H, lam, Dv), heads(wv[:, :, :eta])], 1)
+            w_valid = (w_pos >= 0).to(wv.dtype)[:, None, :, None].expand(B, Hkv, eta, 1)
+            w_pairs = torch.cat([heads(wk[:, :, :eta]), heads(torch.cat([wv[:, :, :eta], w_valid], -1)),
+                                 wfk[:, :, :eta].reshape(B * H, eta, F)], -1)
+            c_pairs = torch.cat([ck, cv, (cpos >= 0).unsqueeze(-1).to(cv.dtype), cfk], -1).reshape(B * H, lam, D + Dv + 1 + F)
             cand_pos = torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
-            new = select_and_fold(
-                selection, lam, hs,
-                torch.cat([ck.reshape(B * H, lam, D), heads(wk[:, :, :eta])], 1),
-                torch.cat([cand_v, (cand_pos >= 0).unsqueeze(-1).to(cand_v.dtype)], -1),
-                torch.cat([cfk.reshape(B * H, lam, F), wfk[:, :, :eta].reshape(B * H, eta, F)], 1),
-                cand_pos, torch.arange(H, device=dev).repeat(B),
-            )
+            new_hs, new_cache, new_pos = select_and_fold(
+                selection, lam, hs, torch.cat([c_pairs, w_pairs], 1), cand_pos, torch.arange(H, device=dev).repeat(B), D)
             u = sel[:, None, None, None]
-            hs = new[0].view(B, H, F, Dv + 1)
-            h = torch.where(u, hs[..., :-1], h)
-            s = torch.where(sel[:, None, None], hs[..., -1], s)
-            ck = torch.where(u, new[1].view(B, H, lam, D), ck)
-            cv = torch.where(u, new[2][..., :-1].reshape(B, H, lam, Dv), cv)
-            cfk = torch.where(u, new[3].view(B, H, lam, F), cfk)
-            cpos = torch.where(sel[:, None, None], new[4].view(B, H, lam), cpos)
+            new_hs, new_cache = new_hs.view(B, H, F, Dv + 1), new_cache.view(B, H, lam, D + Dv + 1 + F)
+            h = torch.where(u, new_hs[..., :-1], h)
+            s = torch.where(sel[:, None, None], new_hs[..., -1], s)
+            ck = torch.where(u, new_cache[..., :D], ck)
+            cv = torch.where(u, new_cache[..., D:D + Dv], cv)
+            cfk = torch.where(u, new_cache[..., D + Dv + 1:], cfk)
+            cpos = torch.where(sel[:, None, None], new_pos.view(B, H, lam), cpos)
         # then W <- P and P <- ∅
         b4 = boundary[:, None, None, None]
 

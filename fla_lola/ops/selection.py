@@ -30,48 +30,46 @@ def selection_scores(
     return random_score(pos, head[:, None].expand_as(pos)).to(hs.dtype)
 
 
-def select_and_fold(
-    selection: str,
-    cache_size: int,
-    hs: torch.Tensor,
-    k: torch.Tensor,
-    v1: torch.Tensor,
-    fk: torch.Tensor,
-    pos: torch.Tensor,
-    head: torch.Tensor,
-):
+def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor, pos: torch.Tensor,
+                    head: torch.Tensor, head_dim: int):
     """One boundary for ``M`` memories whose candidates ``G ∪ W`` are given in ascending position order.
 
     Args:
         hs: ``[M, F, Dv+1]`` the linear memory ``[H | s]`` before the boundary.
-        k, v1, fk: ``[M, C, D]``, ``[M, C, Dv+1]``, ``[M, C, F]`` the candidates; ``v1`` is ``[v | 1]``
-            so that one product folds both ``H`` and ``s``. Invalid candidates hold zeros.
+        pairs: ``[M, C, D + Dv + 1 + F]`` the candidates, each packed as ``[k | v | 1 | φk]`` (the ones column
+            lets one product fold both ``H`` and ``s``); invalid candidates hold zeros.
         pos: ``[M, C]`` int64 positions, ``-1`` for an invalid candidate; valid ones ascend along ``C``.
         head: ``[M]`` int64 query-head index of each memory (for the "random" score).
+        head_dim: ``D``, where the packed value starts.
 
     Returns:
-        ``(hs, cache_k, cache_v1, cache_fk, cache_pos)``: the memory after folding and the new cache in
-        the canonical layout (valid slots first in ascending position, then empty slots).
+        ``(hs, cache, cache_pos)``: the memory after folding and the new cache ``[M, λ, D + Dv + 1 + F]``
+        in the canonical layout (valid slots first in ascending position, then empty slots).
     """
+    D, Dv1 = head_dim, hs.shape[-1]
     valid = pos >= 0
     C = pos.shape[1]  # λ cache slots + η window slots, so never fewer than λ
-    scores = selection_scores(selection, hs, v1[..., :-1], fk, pos, head)
+    scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head)
     scores = scores.masked_fill(~valid, float('-inf'))
     # a stable sort on the negated score: largest first, and among equal scores the earlier position
     # (candidates ascend in position), exactly the spec's tie rule
     order = torch.sort(-scores, dim=1, stable=True).indices
-    top = order[:, :cache_size]
-    keep = torch.zeros_like(valid).scatter_(1, top, True) & valid
-    fold = (valid & ~keep).to(hs.dtype)
-    hs = torch.baddbmm(hs, (fk.to(hs.dtype) * fold.unsqueeze(-1)).transpose(1, 2), v1.to(hs.dtype))
+    top, rest = order[:, :cache_size], order[:, cache_size:]
+    # fold what is not kept: the other C - λ candidates (invalid ones hold zeros and add nothing)
+    folded = take_rows(pairs, rest).to(hs.dtype)
+    hs = torch.baddbmm(hs, folded[..., D + Dv1:].transpose(1, 2), folded[..., D:D + Dv1])
     # canonical cache: kept pairs in ascending position, then the empty slots
     top_valid = valid.gather(1, top)
     top = top.gather(1, torch.where(top_valid, top, top + C).argsort(dim=1))
     top_valid = valid.gather(1, top)
+    cache = take_rows(pairs, top)
+    cache = cache * top_valid.unsqueeze(-1).to(cache.dtype)
+    return hs, cache, torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
 
-    def take(x):
-        out = x.gather(1, top.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return out * top_valid.unsqueeze(-1).to(out.dtype)
 
-    new_pos = torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
-    return hs, take(k), take(v1), take(fk), new_pos
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[m, index[m, j]]`` for ``x`` [M, C, E] and ``index`` [M, J]: whole rows, copied as rows (``gather`` would
+    index every element, several times slower on CPU)."""
+    M, C, E = x.shape
+    flat = (index + torch.arange(M, device=index.device)[:, None] * C).reshape(-1)
+    return x.reshape(M * C, E).index_select(0, flat).view(M, index.shape[1], E)
