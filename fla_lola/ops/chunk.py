@@ -135,7 +135,7 @@ def chunk_lola_attention(
         s_win = s_win.masked_fill_(~(pairs(kval, c0, c1).unsqueeze(-2) & visible), float('-inf'))
         m_win = s_win.amax(-1)                                                 # [M, cb, η]
         m_win = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
-        nd_win = torch.exp(s_win.sub_(m_win.unsqueeze(-1))) @ pairs(V1, c0, c1)   # [M, cb, η, Dv+1]
+        nd_win = torch.exp(s_win - m_win.unsqueeze(-1)) @ pairs(V1, c0, c1)   # [M, cb, η, Dv+1]
 
         for c in range(c0, c1):
             j = c - c0
@@ -149,7 +149,7 @@ def chunk_lola_attention(
                 m = m.clamp(min=0)
             nd = nd_win[:, j] * torch.exp(m_win[:, j] - m).unsqueeze(-1)     # [M, η, Dv+1]
             if lam > 0:
-                nd = torch.baddbmm(nd, torch.exp(s_g.sub_(m.unsqueeze(-1))), cache[..., D:D + Dv + 1])
+                nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
             lin = torch.bmm(FQ[:, c], hs)                                       # [M, η, Dv+1]
             if mix == 'lola':
                 e = torch.exp(-m).unsqueeze(-1)
