@@ -42,31 +42,34 @@ def decode_lola_attention(
     active = torch.ones(B, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask[:, 0] != 0
     phase = st.seen % eta
 
-    # write the token into slot η + phase of the rows that take one
-    slot = torch.arange(2 * eta, device=dev)
-    put = (slot[None] == eta + phase[:, None]) & active[:, None]                   # [B, 2η]
-    put4 = put[:, None, :, None]
-    wk = torch.where(put4, k.transpose(1, 2), st.window_k)                         # [B, Hkv, 2η, D]
-    wv = torch.where(put4, v.transpose(1, 2), st.window_v)
-    wfk = torch.where(put4, fk.transpose(1, 2), st.window_fk)                      # [B, H, 2η, F]
-    wvalid = torch.cat([(st.seen >= eta)[:, None].expand(B, eta),
-                        slot[None, :eta] < (phase + active)[:, None]], 1)          # [B, 2η]
+    # write the token into slot η + phase of the rows that take one (the others keep what the slot holds)
+    rows, slot = torch.arange(B, device=dev), eta + phase
+    wk, wv, wfk = st.window_k.clone(), st.window_v.clone(), st.window_fk.clone()
+    for buf, x in ((wk, k), (wv, v), (wfk, fk)):
+        buf[rows, :, slot] = torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
+    ar = torch.arange(eta, device=dev)
+    wvalid = torch.cat([(st.seen >= eta)[:, None].expand(B, eta), ar[None] < (phase + active)[:, None]], 1)
 
     # one softmax over cache ∪ window, next to the linear read-out
-    qh = q[:, 0].to(acc)                                                           # [B, H, D]
-    s_w = torch.einsum('bgrd,bgjd->bgrj', qh.view(B, Hkv, grp, D), wk.to(acc)).reshape(B, H, 2 * eta) * scale
-    s_w = s_w.masked_fill(~wvalid[:, None], float('-inf'))
-    s_c = torch.einsum('bhd,bhjd->bhj', qh, st.cache_k.to(acc)) * scale
-    s_c = s_c.masked_fill(st.cache_pos < 0, float('-inf'))
-    m = torch.maximum(s_w.amax(-1), s_c.amax(-1)) if lam > 0 else s_w.amax(-1)     # [B, H]
+    qh = q[:, 0].to(acc).view(B, Hkv, grp, D)
+    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, 2 * eta) * scale
+    s_w = s_w.masked_fill_(~wvalid[:, None], float('-inf'))
+    m = s_w.amax(-1)                                                               # [B, H]
+    if lam > 0:
+        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam) * scale
+        s_c = s_c.masked_fill_(st.cache_pos < 0, float('-inf'))
+        m = torch.maximum(m, s_c.amax(-1))
     m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p_w, p_c = torch.exp(s_w - m[..., None]), torch.exp(s_c - m[..., None])
-    num = torch.einsum('bgrj,bgjd->bgrd', p_w.view(B, Hkv, grp, 2 * eta), wv.to(acc)).reshape(B, H, Dv) + \
-        torch.einsum('bhj,bhjd->bhd', p_c, st.cache_v.to(acc))
-    den = p_w.sum(-1) + p_c.sum(-1)
-    fqh = fq[:, 0].to(acc)
-    lin_num = torch.einsum('bhf,bhfd->bhd', fqh, st.h)
-    lin_den = torch.einsum('bhf,bhf->bh', fqh, st.s)
+    p_w = torch.exp(s_w - m[..., None])
+    num = (p_w.view(B, Hkv, grp, 2 * eta) @ wv.to(acc)).view(B, H, Dv)
+    den = p_w.sum(-1)
+    if lam > 0:
+        p_c = torch.exp(s_c - m[..., None])
+        num = num + (p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv)
+        den = den + p_c.sum(-1)
+    fqh = fq[:, 0].to(acc).unsqueeze(-2)                                           # [B, H, 1, F]
+    lin_num = (fqh @ st.h).view(B, H, Dv)
+    lin_den = (fqh @ st.s.unsqueeze(-1)).view(B, H)
     g = gate.to(acc)[None, :]
     if mix == 'lola':
         e = torch.exp(-m)
@@ -88,7 +91,7 @@ def decode_lola_attention(
         if bool(sel.any()):
             def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
                 return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
-            w_pos = ((st.seen // eta - 1) * eta)[:, None] + slot[None, :eta]     # [B, η]
+            w_pos = ((st.seen // eta - 1) * eta)[:, None] + ar[None]             # [B, η]
             hs = torch.cat([h, s.unsqueeze(-1)], -1).reshape(B * H, F, Dv + 1)
             w_valid = (w_pos >= 0).to(wv.dtype)[:, None, :, None].expand(B, Hkv, eta, 1)
             w_pairs = torch.cat([heads(wk[:, :, :eta]), heads(torch.cat([wv[:, :, :eta], w_valid], -1)),
