@@ -27,7 +27,7 @@ from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS, token_rows
 
 # how many logits the parallel window part materializes at once (per block of chunks)
-_WINDOW_BLOCK_ELEMENTS = 1 << 23
+_WINDOW_BLOCK_ELEMENTS = 1 << 21  # 32 chunks of 64 at 8 heads: stays in cache
 
 
 def chunk_lola_attention(
@@ -107,7 +107,7 @@ def chunk_lola_attention(
     # gather at boundaries, and [v | 1] gives a numerator and its denominator in one product
     PAIRS = torch.cat([per_head(k_g, Hkv), per_head(v_g, Hkv), kval.unsqueeze(-1).to(acc), per_head(fk_g, H)], -1)
     K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
-    Q, FQ = per_head(q_g, H), per_head(fq_g, H)                                      # [M, C, η, ·]
+    Q, FQ = per_head(q_g, H) * scale, per_head(fq_g, H)                              # [M, C, η, ·], Q pre-scaled
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
@@ -126,12 +126,15 @@ def chunk_lola_attention(
                        (cpos >= 0).unsqueeze(-1).to(acc), state.cache_fk.reshape(M, lam, F).to(acc)], -1)
 
     block = max(1, _WINDOW_BLOCK_ELEMENTS // max(1, M * eta * eta))
+    # without autograd, the boundary's candidates G ∪ W are assembled in one reused buffer
+    cand_buf = None if torch.is_grad_enabled() and (PAIRS.requires_grad or cache.requires_grad) else \
+        PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
     y = Q.new_empty(M, C, eta, Dv)
     for c0 in range(0, C, block):
         c1 = min(C, c0 + block)
         # ---- 1. window part for chunks c0..c1, in parallel ---------------------------------
         # each query chunk c sees grid chunks c (its W) and c+1 (itself): overlapping 2η-slot views
-        s_win = Q[:, c0:c1] @ pairs(K, c0, c1).transpose(-1, -2) * scale      # [M, cb, η, 2η]
+        s_win = Q[:, c0:c1] @ pairs(K, c0, c1).transpose(-1, -2)              # [M, cb, η, 2η]
         s_win = s_win.masked_fill_(~(pairs(kval, c0, c1).unsqueeze(-2) & visible), float('-inf'))
         m_win = s_win.amax(-1)                                                 # [M, cb, η]
         m_win = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
@@ -142,7 +145,7 @@ def chunk_lola_attention(
             # ---- 2. cache part + linear read-out, merged under one max ----------------------
             m = m_win[:, j]
             if lam > 0:
-                s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2)).mul_(scale)
+                s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2))
                 s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
                 m = torch.maximum(m, s_g.amax(-1))
             if mix == 'lola':
@@ -167,7 +170,8 @@ def chunk_lola_attention(
             if not bool(update.any()):
                 continue
             new_hs, new_cache, new_pos = select_and_fold(
-                selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1), torch.cat([cpos, kpos[:, c]], 1), heads, D)
+                selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1, out=cand_buf),
+                torch.cat([cpos, kpos[:, c]], 1), heads, D)
             if bool(update.all()):
                 hs, cache, cpos = new_hs, new_cache, new_pos
             else:
