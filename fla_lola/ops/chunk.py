@@ -8,13 +8,12 @@ fall at the same grid slots, whatever its padding or how many tokens its state h
 A row whose state has consumed ``seen`` tokens puts its ``i``-th new token at slot ``seen % η + i`` of
 chunk 0 onwards; the slots before are the state's partial chunk. Padding never enters the grid.
 
-Work per chunk ``c`` (all rows and heads at once):
+Work per chunk ``c`` (all rows and heads at once; the grid stores each pair as one row ``[k | v | 1 | φk]``):
 
-1. window part, parallel over a block of chunks: softmax logits of each query against the previous
-   chunk and (causally) its own chunk, reduced to a running max, numerator and denominator;
-2. sparse-cache part and linear read-out, sequential: logits against the λ cached pairs, merged with
-   the window part under one max (flash-attention style), plus ``φq·H`` and ``φq·s`` under the spec's
-   normalizer;
+1. softmax logits of the chunk's queries against its window ``W ∪ P`` (grid chunks ``c`` and ``c+1``, which
+   are adjacent rows in memory, so a strided view with no copy) and against the λ cached pairs;
+2. one max over both, numerators and denominators in one product each (the ``1`` column), and the
+   linear read-out ``φq·[H | s]`` under the spec's normalizer;
 3. boundary, for rows whose chunk is complete: :func:`select_and_fold` on ``G ∪ W``.
 """
 
@@ -25,9 +24,6 @@ import torch
 from fla_lola.ops.selection import select_and_fold
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS, token_rows
-
-# how many logits the parallel window part materializes at once (per block of chunks)
-_WINDOW_BLOCK_ELEMENTS = 1 << 21  # 32 chunks of 64 at 8 heads: stays in cache
 
 
 def chunk_lola_attention(
@@ -112,72 +108,61 @@ def chunk_lola_attention(
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
     # a query at slot i of its chunk sees all of W and slots 0..i of its own chunk
-    visible = torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
-                         torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)
+    hidden = ~torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
+                         torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)   # [η, 2η]
+    G_stride = PAIRS.stride(0)
 
-    def pairs(x, c0, c1):  # [M, C+2, η, ...] -> [M, c1-c0, 2η, ...]: grid chunks (c, c+1) for c in c0..c1
-        st = x.stride()
-        return x[:, c0:].as_strided((M, c1 - c0, 2 * eta) + x.shape[3:], (st[0], st[1], st[2]) + st[3:])
+    def window(x, c):  # [M, C+2, η, d] slice of PAIRS -> [M, 2η, d]: grid chunks c (W) and c+1, a view
+        return x[:, c].as_strided((M, 2 * eta, x.shape[-1]), (G_stride, x.stride(2), 1))
 
     # the memory [H | s] and the cache, packed like the grid
     hs = torch.cat([state.h, state.s.unsqueeze(-1)], -1).reshape(M, F, Dv + 1)
     cpos = state.cache_pos.reshape(M, lam)
     cache = torch.cat([state.cache_k.reshape(M, lam, D).to(acc), state.cache_v.reshape(M, lam, Dv).to(acc),
                        (cpos >= 0).unsqueeze(-1).to(acc), state.cache_fk.reshape(M, lam, F).to(acc)], -1)
-
-    block = max(1, _WINDOW_BLOCK_ELEMENTS // max(1, M * eta * eta))
     # without autograd, the boundary's candidates G ∪ W are assembled in one reused buffer
     cand_buf = None if torch.is_grad_enabled() and (PAIRS.requires_grad or cache.requires_grad) else \
         PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
     y = Q.new_empty(M, C, eta, Dv)
-    for c0 in range(0, C, block):
-        c1 = min(C, c0 + block)
-        # ---- 1. window part for chunks c0..c1, in parallel ---------------------------------
-        # each query chunk c sees grid chunks c (its W) and c+1 (itself): overlapping 2η-slot views
-        s_win = Q[:, c0:c1] @ pairs(K, c0, c1).transpose(-1, -2)              # [M, cb, η, 2η]
-        s_win = s_win.masked_fill_(~(pairs(kval, c0, c1).unsqueeze(-2) & visible), float('-inf'))
-        m_win = s_win.amax(-1)                                                 # [M, cb, η]
-        m_win = torch.where(torch.isfinite(m_win), m_win, torch.zeros_like(m_win))
-        nd_win = torch.exp(s_win - m_win.unsqueeze(-1)) @ pairs(V1, c0, c1)   # [M, cb, η, Dv+1]
+    for c in range(C):
+        # ---- 1. softmax logits over W ∪ (causal) current chunk, and over the cache --------------
+        s_w = torch.bmm(Q[:, c], window(K, c).transpose(1, 2))                 # [M, η, 2η]
+        s_w = s_w.masked_fill_(hidden | ~kval[:, c:c + 2].reshape(M, 1, 2 * eta), float('-inf'))
+        m = s_w.amax(-1)
+        if lam > 0:
+            s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2))           # [M, η, λ]
+            s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
+            m = torch.maximum(m, s_g.amax(-1))
+        # ---- 2. one max for both, then the linear read-out under the spec's normalizer ----------
+        m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c))       # [M, η, Dv+1]
+        if lam > 0:
+            nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
+        lin = torch.bmm(FQ[:, c], hs)                                           # [M, η, Dv+1]
+        if mix == 'lola':
+            e = torch.exp(-m).unsqueeze(-1)
+            out = gamma * nd + (1 - gamma) * e * lin
+            y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
+        else:
+            out = gamma * nd + lin
+            # only padding slots (no key at all) can have a zero denominator: keep them finite, and their
+            # gradients too
+            den = out[..., -1:]
+            y[:, c] = out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
 
-        for c in range(c0, c1):
-            j = c - c0
-            # ---- 2. cache part + linear read-out, merged under one max ----------------------
-            m = m_win[:, j]
-            if lam > 0:
-                s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2))
-                s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
-                m = torch.maximum(m, s_g.amax(-1))
-            if mix == 'lola':
-                m = m.clamp(min=0)
-            nd = nd_win[:, j] * torch.exp(m_win[:, j] - m).unsqueeze(-1)     # [M, η, Dv+1]
-            if lam > 0:
-                nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
-            lin = torch.bmm(FQ[:, c], hs)                                       # [M, η, Dv+1]
-            if mix == 'lola':
-                e = torch.exp(-m).unsqueeze(-1)
-                out = gamma * nd + (1 - gamma) * e * lin
-                y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
-            else:
-                out = gamma * nd + lin
-                # only padding slots (no key at all) can have a zero denominator: keep them finite, and their
-                # gradients too
-                den = out[..., -1:]
-                y[:, c] = out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
-
-            # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
-            update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
-            if not bool(update.any()):
-                continue
-            new_hs, new_cache, new_pos = select_and_fold(
-                selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1, out=cand_buf),
-                torch.cat([cpos, kpos[:, c]], 1), heads, D)
-            if bool(update.all()):
-                hs, cache, cpos = new_hs, new_cache, new_pos
-            else:
-                u = update[:, None, None]
-                hs, cache = torch.where(u, new_hs, hs), torch.where(u, new_cache, cache)
-                cpos = torch.where(update[:, None], new_pos, cpos)
+        # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
+        update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
+        if not bool(update.any()):
+            continue
+        new_hs, new_cache, new_pos = select_and_fold(
+            selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1, out=cand_buf),
+            torch.cat([cpos, kpos[:, c]], 1), heads, D)
+        if bool(update.all()):
+            hs, cache, cpos = new_hs, new_cache, new_pos
+        else:
+            u = update[:, None, None]
+            hs, cache = torch.where(u, new_hs, hs), torch.where(u, new_cache, cache)
+            cpos = torch.where(update[:, None], new_pos, cpos)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
     y = y.view(N, H, C * eta, Dv).transpose(1, 2)                              # [N, C*η, H, Dv]
