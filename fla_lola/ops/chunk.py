@@ -110,10 +110,9 @@ def chunk_lola_attention(
     # a query at slot i of its chunk sees all of W and slots 0..i of its own chunk
     hidden = ~torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
                          torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)   # [η, 2η]
-    G_stride = PAIRS.stride(0)
 
-    def window(x, c):  # [M, C+2, η, d] slice of PAIRS -> [M, 2η, d]: grid chunks c (W) and c+1, a view
-        return x[:, c].as_strided((M, 2 * eta, x.shape[-1]), (G_stride, x.stride(2), 1))
+    def window(x, c):  # [M, C+2, η, d] slice of PAIRS -> [M, 2η, d]: grid chunks c (W) and c+1, still a view
+        return x[:, c:c + 2].reshape(M, 2 * eta, x.shape[-1])
 
     # the memory [H | s] and the cache, packed like the grid
     hs = torch.cat([state.h, state.s.unsqueeze(-1)], -1).reshape(M, F, Dv + 1)
