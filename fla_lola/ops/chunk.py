@@ -61,49 +61,52 @@ def chunk_lola_attention(
     end = phase + rows.lengths                                   # [N] grid slot after each row's last token
     C = max(1, -(-int(end.max()) // eta)) if N > 0 else 1        # query chunks
     G_len = (C + 2) * eta                                        # + the state's W in front, an empty chunk behind
-    # every row takes all T tokens at the same phase: the grid is a concatenation, no scatter
-    uniform = attention_mask is None and cu_seqlens is None and bool((phase == phase[0]).all())
-    p0 = int(phase[0])
-    if not uniform:
-        tb, tt = rows.valid.nonzero(as_tuple=True)               # real tokens, in (b, t) order
-        tr = rows.row[tb, tt]
-        slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
-
-    def grid(x, state_window=None):  # [B, T, heads, d] -> [N, G_len, heads, d]: state window + tokens
-        lead = state_window.transpose(1, 2)[:, :eta + p0] if state_window is not None else \
-            x.new_zeros(N, eta + p0, x.shape[2], x.shape[3])
-        if uniform:
-            tail = x.new_zeros(N, G_len - eta - p0 - T, x.shape[2], x.shape[3])
-            return torch.cat([lead, x, tail], dim=1)
-        g = torch.cat([state_window.transpose(1, 2), x.new_zeros(N, G_len - 2 * eta, x.shape[2], x.shape[3])], 1) \
-            if state_window is not None else x.new_zeros(N, G_len, x.shape[2], x.shape[3])
-        return g.index_put((tr, slot), x[tb, tt])
-
-    k_g = grid(k, state.window_k)                                # [N, G_len, Hkv, D]
-    v_g = grid(v, state.window_v)
-    fk_g = grid(fk, state.window_fk)                             # [N, G_len, H, F]
-    q_g = grid(q)[:, eta:(C + 1) * eta]                          # [N, C*η, H, D]
-    fq_g = grid(fq)[:, eta:(C + 1) * eta]
-
+    E = D + Dv + 1 + F
     g_idx = torch.arange(G_len, device=dev)
     kvalid = ((g_idx[None] >= eta) & (g_idx[None] < eta + end[:, None])) | \
         ((g_idx[None] < eta) & (state.seen[:, None] >= eta))     # [N, G_len]
     pos = (state.seen // eta - 1)[:, None] * eta + g_idx[None]   # absolute position of each slot
     pos = torch.where(kvalid, pos, torch.full_like(pos, -1))
 
-    def per_head(x, heads):  # [N, G, heads, d] -> [M, chunks, η, d], kv heads repeated for their group
-        x = x.permute(0, 2, 1, 3)
-        if heads != H:
-            x = x.repeat_interleave(H // heads, dim=1)
-        return x.reshape(M, -1, eta, x.shape[-1]).to(acc)
+    # each slot's pair packed as [k | v | 1 | φk] per query head (the 1 is 0 at invalid slots): one tensor to
+    # concatenate and gather at boundaries, and [v | 1] gives a numerator and its denominator in one product.
+    # Written in place, one pass per input: the state's W and P first, then the tokens.
+    grid = torch.zeros(N, Hkv, grp, G_len, E, dtype=acc, device=dev)
+    qgrid = torch.zeros(N, H, C * eta, D + F, dtype=acc, device=dev)
+    fields = ((0, D), (D, D + Dv), (D + Dv + 1, E))
 
+    def per_group(x):  # [..., H, ...] split into [..., Hkv, grp, ...] at dim 1 (k, v broadcast over the group)
+        return x.unflatten(1, (Hkv, grp)) if x.shape[1] == H else x.unsqueeze(2)
+
+    for (lo, hi), w in zip(fields, (state.window_k, state.window_v, state.window_fk)):
+        grid[:, :, :, :2 * eta, lo:hi] = per_group(w)
+    if attention_mask is None and cu_seqlens is None and bool((phase == phase[0]).all()):
+        # every row takes all T tokens at the same phase: plain slices, no scatter
+        p0 = int(phase[0])
+        for (lo, hi), x in zip(fields, (k, v, fk)):
+            grid[:, :, :, eta + p0:eta + p0 + T, lo:hi] = per_group(x.transpose(1, 2))
+        qgrid[:, :, p0:p0 + T] = torch.cat([q, fq], -1).transpose(1, 2)
+
+        def untangle(y):  # [N, C*η, H, Dv] -> [B, T, H, Dv]
+            return y[:, p0:p0 + T]
+    else:
+        tb, tt = rows.valid.nonzero(as_tuple=True)               # real tokens, in (b, t) order
+        tr = rows.row[tb, tt]
+        slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
+        for (lo, hi), x in zip(fields, (k, v, fk)):
+            grid[tr, :, :, slot, lo:hi] = x[tb, tt].unflatten(1, (Hkv, -1)).to(acc)
+        qgrid[tr, :, slot - eta] = torch.cat([q, fq], -1)[tb, tt].to(acc)
+
+        def untangle(y):
+            return q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta])
+    grid[..., D + Dv] = kvalid[:, None, None, :].to(acc)
+
+    PAIRS = grid.view(M, C + 2, eta, E)
+    K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
-    # each slot's pair packed as [k | v | 1 | φk] (the 1 is 0 at invalid slots): one tensor to concatenate and
-    # gather at boundaries, and [v | 1] gives a numerator and its denominator in one product
-    PAIRS = torch.cat([per_head(k_g, Hkv), per_head(v_g, Hkv), kval.unsqueeze(-1).to(acc), per_head(fk_g, H)], -1)
-    K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
-    Q, FQ = per_head(q_g, H) * scale, per_head(fq_g, H)                              # [M, C, η, ·], Q pre-scaled
+    qgrid = qgrid.view(M, C, eta, D + F)
+    Q, FQ = qgrid[..., :D] * scale, qgrid[..., D:]                                   # [M, C, η, ·], Q pre-scaled
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
@@ -164,22 +167,18 @@ def chunk_lola_attention(
             cpos = torch.where(update[:, None], new_pos, cpos)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
-    y = y.view(N, H, C * eta, Dv).transpose(1, 2)                              # [N, C*η, H, Dv]
-    if uniform:
-        o = y[:, p0:p0 + T].to(q.dtype)
-    else:
-        o = q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta]).to(q.dtype)
+    o = untangle(y.view(N, H, C * eta, Dv).transpose(1, 2)).to(q.dtype)
     if not output_final_state:
         return o, None
 
     # ---- final state: W and P are the grid chunks around each row's end ---------------------
     last = end // eta                                                          # P = grid chunk `last`
     chunks = torch.stack([last, last + 1], 1)                                  # grid indices of W, P
+    rows_idx = torch.arange(N, device=dev)[:, None]
 
-    def window(x):  # [N, G_len, heads, d] -> [N, heads, 2η, d]
-        x = x.view(N, C + 2, eta, x.shape[2], x.shape[3])
-        idx = chunks[:, :, None, None, None].expand(-1, -1, eta, x.shape[3], x.shape[4])
-        return x.gather(1, idx).reshape(N, 2 * eta, x.shape[3], x.shape[4]).transpose(1, 2).contiguous()
+    def window(x):  # [N, heads, G_len, d] -> [N, heads, 2η, d]: grid chunks W, P of each row
+        x = x.unflatten(2, (C + 2, eta))[rows_idx, :, chunks]                  # [N, 2, heads, η, d]
+        return x.transpose(1, 2).reshape(N, x.shape[2], 2 * eta, x.shape[-1]).to(q.dtype)
 
     hs = hs.view(N, H, F, Dv + 1)
     cache = cache.view(N, H, lam, D + Dv + 1 + F).to(q.dtype)
@@ -187,7 +186,8 @@ def chunk_lola_attention(
         h=hs[..., :-1].contiguous(), s=hs[..., -1].contiguous(),
         cache_k=cache[..., :D].contiguous(), cache_v=cache[..., D:D + Dv].contiguous(),
         cache_fk=cache[..., D + Dv + 1:].contiguous(), cache_pos=cpos.view(N, H, lam),
-        window_k=window(k_g), window_v=window(v_g), window_fk=window(fk_g),
+        window_k=window(grid[:, :, 0, :, :D]), window_v=window(grid[:, :, 0, :, D:D + Dv]),
+        window_fk=window(grid[..., D + Dv + 1:].flatten(1, 2)),
         seen=state.seen + rows.lengths,
     )
     return o, final
