@@ -63,7 +63,8 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
     top = top.gather(1, torch.where(top_valid, top, top + C).argsort(dim=1))
     top_valid = valid.gather(1, top)
     cache = take_rows(pairs, top)
-    cache = cache * top_valid.unsqueeze(-1).to(cache.dtype)
+    if not bool(top_valid.all()):  # fewer than λ candidates: the empty slots hold zeros
+        cache = cache * top_valid.unsqueeze(-1).to(cache.dtype)
     return hs, cache, torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
 
 
