@@ -1,0 +1,65 @@
+"""The LoLCATs feature map used by LoLCATs and LoLA checkpoints."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class LoLCATsFeatureMap(nn.Module):
+    r"""Per-head learnable softmax feature map of LoLCATs (Zhang et al., 2024), also used by LoLA.
+
+    For query head ``h`` and an input row ``x`` of size ``head_dim``:
+
+    .. math::
+        \phi(x) = \mathrm{clamp}\big([\mathrm{softmax}(x W_h),\ \mathrm{softmax}(-x W_h)],\ \min=\epsilon\big)
+
+    with ``W_h`` of shape ``[head_dim, feature_dim]`` and no bias, so the output has ``2 * feature_dim``
+    non-negative features. Queries and keys use two separate maps (``feature_map_q``, ``feature_map_k`` in
+    :class:`~fla_lola.layers.LoLAAttention`); both are applied after rotary embeddings.
+
+    Parameters:
+        weight (torch.Tensor): ``[num_heads, head_dim, feature_dim]``, ``W_h`` stacked over query heads.
+            This is exactly LoLCATs' ``feature_map_q.mlp.layer`` / ``feature_map_k.mlp.layer`` (same shape,
+            same meaning: ``einsum('hdf,bhld->bhlf', layer, x)``), so a LoLCATs checkpoint maps onto it with
+            ``weight.copy_(layer)``.
+
+    Args:
+        num_heads (int): number of query heads ``H``.
+        head_dim (int): ``D``.
+        feature_dim (int): ``f``; the map outputs ``F = 2 f`` features.
+        eps (float): the clamp floor, ``1e-12`` as in LoLCATs.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int = 64, eps: float = 1e-12):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.feature_dim = feature_dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LoLCATs' identity initialization: ``W_h = I[:head_dim, :feature_dim]`` for every head."""
+        with torch.no_grad():
+            eye = torch.eye(self.head_dim, self.feature_dim, dtype=torch.float32, device=self.weight.device)
+            self.weight.copy_(eye.expand_as(self.weight))
+
+    @property
+    def output_dim(self) -> int:
+        return 2 * self.feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., H, D]`` -> ``[..., H, 2f]`` in ``x``'s dtype (computed in float32 or better)."""
+        if x.shape[-2:] != (self.num_heads, self.head_dim):
+            raise ValueError(
+                f"x must end in [num_heads={self.num_heads}, head_dim={self.head_dim}]; got shape {tuple(x.shape)}"
+            )
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        z = torch.einsum('...hd,hdf->...hf', x.to(dtype), self.weight.to(dtype))
+        phi = torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).clamp(min=self.eps)
+        return phi.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}"
