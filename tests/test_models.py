@@ -1,0 +1,439 @@
+"""LoLA in the fla model ecosystem: layer, config, models, Auto classes, cache, generate, fla's ``attn`` hook.
+
+Equivalence tests run the models in float64, where the op is exact to ~1e-16: every comparison below is a
+"same computation, different route" claim (cache vs none, padded vs alone), so any difference larger than
+float64 round-off is a bug, and float64 keeps the discrete cache selection from flipping on round-off.
+Sizes are tiny (hidden 32, η = λ = 4) with sequences of several chunks, so selection really happens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from fla_lola.layers import LoLAAttention, LoLCATsFeatureMap
+from fla_lola.models import LoLAConfig, LoLAForCausalLM, LoLAModel
+from fla_lola.registry import register
+
+register()
+
+VOCAB = 64
+PAD = 0
+EXACT = dict(rtol=0, atol=1e-10)  # float64: observed differences are ~1e-16
+
+
+def tiny_config(**overrides) -> LoLAConfig:
+    settings = dict(
+        hidden_size=32, num_hidden_layers=2, num_heads=4, num_kv_heads=2, feature_dim=8, window_size=4,
+        cache_size=4, vocab_size=VOCAB, intermediate_size=64, max_position_embeddings=256,
+        initializer_range=0.1, pad_token_id=PAD, bos_token_id=1, eos_token_id=None,
+    )
+    settings.update(overrides)
+    return LoLAConfig(**settings)
+
+
+def randomize_lola(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give feature maps and mixing logits non-trivial values (their init is identity / constant)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoLCATsFeatureMap):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.7)
+            if isinstance(module, LoLAAttention):
+                module.window_factors.copy_(torch.randn(module.window_factors.shape, generator=gen))
+    return model
+
+
+def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> LoLAForCausalLM:
+    torch.manual_seed(seed)
+    model = LoLAForCausalLM(tiny_config(**overrides))
+    return randomize_lola(model, seed).to(dtype).eval()
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def state_of(cache, layer_idx: int = 0):
+    return cache[layer_idx]['recurrent_state']
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache and incremental decoding
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('cache_size', [0, 4])
+@torch.no_grad()
+def test_cached_decoding_matches_full_forward(cache_size):
+    model = tiny_model(cache_size=cache_size)
+    x = tokens(2, 31)
+    full = model(x).logits
+
+    out = model(x[:, :11], use_cache=True)                  # prefill, ends mid-chunk
+    cache, pieces = out.past_key_values, [out.logits]
+    for t in range(11, 20):                                  # one token at a time, across chunk boundaries
+        out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    out = model(x[:, 20:], past_key_values=cache, use_cache=True)   # then a chunk
+    pieces.append(out.logits)
+
+    torch.testing.assert_close(torch.cat(pieces, 1), full, **EXACT)
+    assert int(state_of(out.past_key_values).seen[0]) == 31
+
+
+@torch.no_grad()
+def test_state_size_stays_fixed_during_long_generation():
+    model = tiny_model()
+    prompt = tokens(1, 6)
+    short = model(prompt, use_cache=True).past_key_values
+    out = model.generate(prompt, max_new_tokens=60, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 66
+    for layer in range(model.config.num_hidden_layers):
+        assert state_of(out.past_key_values, layer).nbytes() == state_of(short, layer).nbytes()
+    assert int(state_of(out.past_key_values).seen[0]) == 65     # the last generated token is not fed back
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_greedy_generate_equals_argmax_loop():
+    model = tiny_model()
+    ids = tokens(2, 9)
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False)
+    loop = ids
+    for _ in range(14):
+        loop = torch.cat([loop, model(loop).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, loop)
+
+
+@torch.no_grad()
+def test_beam_search_with_cache_equals_without_cache():
+    model = tiny_model(seed=1)
+    ids = tokens(2, 7, seed=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, num_beams=3, num_return_sequences=2,
+                  do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, **EXACT)
+
+
+@torch.no_grad()
+def test_sampling_with_cache_equals_without_cache():
+    model = tiny_model(seed=2)
+    ids = tokens(2, 7, seed=2)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=True,
+                                   top_k=0, temperature=1.0, use_cache=use_cache))
+    assert torch.equal(*runs)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def test_left_padded_rows_equal_rows_alone():
+    model = tiny_model(seed=3)
+    rows = [tokens(1, n, seed=10 + n)[0] for n in (14, 9, 5)]
+    ids, mask = left_pad(rows)
+
+    logits = model(ids, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        alone = model(r[None]).logits[0]
+        torch.testing.assert_close(logits[i, -len(r):], alone, **EXACT)
+
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False)
+    for i, r in enumerate(rows):
+        alone = model.generate(r[None], attention_mask=torch.ones_like(r[None]), max_new_tokens=9, do_sample=False)
+        assert torch.equal(batch[i, -9:], alone[0, -9:]), f"row {i}"
+
+
+@torch.no_grad()
+def test_left_padded_rotary_positions_count_from_first_real_token():
+    layer = tiny_model().model.layers[0].attn
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos = layer.positions(2, 5, torch.device('cpu'), attention_mask=mask)
+    assert pos[0, 2:].tolist() == [0, 1, 2] and pos[1].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_right_padded_training_loss_equals_per_row_losses():
+    model = tiny_model(seed=4)
+    rows = [tokens(1, n, seed=20 + n)[0] for n in (17, 11, 6)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)], labels[i, :len(r)] = r, 1, r
+
+    batch_loss = model(ids, attention_mask=mask, labels=labels).loss
+    total, count = 0., 0
+    for r in rows:
+        n = len(r) - 1                                       # next-token targets per row
+        total = total + model(r[None], labels=r[None]).loss * n
+        count += n
+    torch.testing.assert_close(batch_loss, total / count, **EXACT)
+
+
+@torch.no_grad()
+def test_packed_sequences_equal_sequences_alone():
+    model = tiny_model(seed=5)
+    rows = [tokens(1, n, seed=30 + n)[0] for n in (13, 6, 10)]
+    packed = torch.cat(rows)[None]
+    cu_seqlens = torch.tensor([0, 13, 19, 29])
+    logits = model(packed, cu_seqlens=cu_seqlens).logits[0]
+    for r, start in zip(rows, cu_seqlens[:-1].tolist()):
+        torch.testing.assert_close(logits[start:start + len(r)], model(r[None]).logits[0], **EXACT)
+
+
+@torch.no_grad()
+def test_logits_to_keep():
+    model = tiny_model()
+    x = tokens(2, 12)
+    full = model(x).logits
+    torch.testing.assert_close(model(x, logits_to_keep=3).logits, full[:, -3:], **EXACT)
+    torch.testing.assert_close(model(x, num_logits_to_keep=1).logits, full[:, -1:], **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Auto classes and save / load
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_save_load_round_trip_through_auto_classes(tmp_path):
+    register()                                               # idempotent
+    model = tiny_model(selection='recency', mix='lolcats', cache_size=3)
+    x = tokens(2, 15)
+    model.save_pretrained(tmp_path)
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, LoLAConfig)
+    for key in ('window_size', 'cache_size', 'feature_dim', 'mix', 'selection', 'attn_backend', 'num_kv_heads'):
+        assert getattr(config, key) == getattr(model.config, key), key
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert isinstance(loaded, LoLAForCausalLM)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, **EXACT)
+
+    base = AutoModel.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert isinstance(base, LoLAModel)
+    torch.testing.assert_close(base(x).last_hidden_state, model.model(x).last_hidden_state, **EXACT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fla configs with an `attn` spec of type "lola"
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fla_kernels_in_torch(monkeypatch):
+    """fla's native LinearAttention layer, SwiGLU and fused RMSNorm are Triton kernels, which CPU tensors cannot
+    run without TRITON_INTERPRET. For the hybrid test, swap in fla's own PyTorch references (a test double for the
+    other layer types only; LoLA layers run exactly as they do everywhere)."""
+    import fla.layers.linear_attn as linear_attn_layer
+    import fla.modules.mlp as mlp_module
+    import fla.modules.norm.layernorm as layernorm
+    from fla.ops.linear_attn.naive import naive_recurrent_linear_attn
+
+    def linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=False,
+                    cu_seqlens=None, **kwargs):
+        if cu_seqlens is None:
+            return naive_recurrent_linear_attn(q, k, v, scale, initial_state, output_final_state, normalize)
+        outs, states = [], []
+        for i, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            init = None if initial_state is None else initial_state[i:i + 1]
+            o, st = naive_recurrent_linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], scale, init, output_final_state,
+                                                normalize)
+            outs.append(o)
+            states.append(st)
+        return torch.cat(outs, 1), torch.cat(states, 0) if output_final_state else None
+
+    for name in ('chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn'):
+        monkeypatch.setattr(linear_attn_layer, name, linear_attn)
+    monkeypatch.setattr(mlp_module, 'swiglu', lambda x, y: F.silu(x) * y)
+    monkeypatch.setattr(layernorm, 'rms_norm', lambda x, weight, bias, residual=None, eps=1e-5, prenorm=False,
+                        residual_in_fp32=False: layernorm.rms_norm_ref(x, weight, bias, residual, eps, prenorm, True))
+
+
+LOLA_SPEC = {"layers": [1], "num_heads": 4, "num_kv_heads": 2, "type": "lola", "window_size": 4, "cache_size": 4,
+             "feature_dim": 8, "mix": "lola", "note": "unknown keys survive"}
+
+
+def fla_hybrid_config(**overrides):
+    from fla.models import LinearAttentionConfig
+    settings = dict(hidden_size=32, num_hidden_layers=3, num_heads=4, vocab_size=VOCAB, feature_map='relu',
+                    attn=dict(LOLA_SPEC), fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False,
+                    intermediate_size=64, max_position_embeddings=256, pad_token_id=PAD, eos_token_id=None,
+                    initializer_range=0.1)
+    settings.update(overrides)
+    return LinearAttentionConfig(**settings)
+
+
+def test_fla_config_attn_spec_builds_lola_exactly_at_listed_layers(tmp_path):
+    from fla.layers.linear_attn import LinearAttention
+    from fla.models import LinearAttentionForCausalLM
+
+    torch.manual_seed(0)
+    model = LinearAttentionForCausalLM(fla_hybrid_config())
+    kinds = [type(block.attn) for block in model.model.layers]
+    assert kinds == [LinearAttention, LoLAAttention, LinearAttention]
+    lola = model.model.layers[1].attn
+    assert (lola.window_size, lola.cache_size, lola.feature_dim, lola.num_kv_heads, lola.layer_idx) == (4, 4, 8, 2, 1)
+
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.attn == {**LOLA_SPEC, "qkv_bias": False, "rope_theta": 10000.0}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert [type(block.attn) for block in loaded.model.layers] == kinds
+    torch.testing.assert_close(loaded.model.layers[1].attn.window_factors, lola.window_factors)
+
+
+@torch.no_grad()
+def test_fla_hybrid_with_lola_layer_runs_forward_and_generate(fla_kernels_in_torch):
+    from fla.models import LinearAttentionForCausalLM
+
+    torch.manual_seed(0)
+    model = randomize_lola(LinearAttentionForCausalLM(fla_hybrid_config())).double().eval()
+    x = tokens(2, 21)
+    full = model(x).logits
+    assert torch.isfinite(full).all()
+
+    out = model(x[:, :13], use_cache=True)
+    pieces, cache = [out.logits], out.past_key_values
+    for t in range(13, 21):
+        out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, **EXACT)
+
+    generated = model.generate(x[:, :8], attention_mask=torch.ones_like(x[:, :8]), max_new_tokens=6,
+                               do_sample=False)
+    loop = x[:, :8]
+    for _ in range(6):
+        loop = torch.cat([loop, model(loop).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, loop)
+
+
+def test_attn_hook_changes_nothing_for_other_types():
+    from fla.models import modeling_utils
+
+    from fla_lola import registry
+
+    assert modeling_utils.get_attention is registry.get_attention
+    original = registry.get_attention.__wrapped__
+    softmax_spec = {"layers": [0], "num_heads": 4}
+
+    def outcome(fn, config, layer_idx):
+        try:
+            return type(fn(config=config, layer_idx=layer_idx))
+        except Exception as error:                      # fla's Attention needs flash-attn; same failure both ways
+            return type(error)
+
+    for spec, layer_idx in ((softmax_spec, 0), (softmax_spec, 1), (None, 0)):
+        config = fla_hybrid_config(attn=spec)
+        assert outcome(registry.get_attention, config, layer_idx) == outcome(original, config, layer_idx)
+    assert registry.get_attention(config=fla_hybrid_config(), layer_idx=0) is None
+    # every fla model module that imported get_attention by name sees the hook
+    import fla.models.gla.modeling_gla as gla
+    import fla.models.linear_attn.modeling_linear_attn as la
+    assert gla.get_attention is registry.get_attention and la.get_attention is registry.get_attention
+    register()
+    assert registry.get_attention.__wrapped__ is original
+
+
+def test_bad_lola_spec_raises_value_error_at_build():
+    from fla.models import LinearAttentionForCausalLM
+    with pytest.raises(ValueError, match='cache_size'):
+        LinearAttentionForCausalLM(fla_hybrid_config(attn={**LOLA_SPEC, "cache_size": -1}))
+    with pytest.raises(ValueError, match='selection'):
+        LinearAttentionForCausalLM(fla_hybrid_config(attn={**LOLA_SPEC, "selection": "nope"}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training, dtypes, config validation
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('cache_size', [0, 4])
+def test_training_steps_reduce_loss(cache_size):
+    torch.manual_seed(0)
+    model = LoLAForCausalLM(tiny_config(cache_size=cache_size, initializer_range=0.02)).train()
+    x = tokens(4, 24, seed=7)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    attn = model.model.layers[0].attn
+    assert attn.window_factors.grad is not None and attn.feature_map_k.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = tokens(2, 14)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(dtype=torch.float64).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(x, labels=x).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], **EXACT)
+
+
+@torch.no_grad()
+def test_bf16_forward_and_generate_run():
+    ref = tiny_model(dtype=torch.float64)
+    model = tiny_model(dtype=torch.bfloat16)
+    x = tokens(2, 20)
+    logits = model(x).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    # a sanity bound, not an accuracy claim: bf16 (8-bit mantissa) stays near the float64 model
+    err = (logits.double() - ref(x).logits).abs().max()
+    assert err < 0.1 * ref(x).logits.abs().max(), err
+    out = model.generate(x[:, :6], attention_mask=torch.ones_like(x[:, :6]), max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 14)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(window_size=0), 'window_size'),
+    (dict(cache_size=-1), 'cache_size'),
+    (dict(num_heads=4, num_kv_heads=3), 'num_kv_heads'),
+    (dict(mix='softmax'), 'mix'),
+    (dict(selection='oracle'), 'selection'),
+    (dict(attn_backend='cuda'), 'backend'),
+    (dict(hidden_size=30, num_heads=4), 'hidden_size'),
+])
+def test_bad_config_values_raise_at_config_time(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**bad)
+
+
+@pytest.mark.parametrize('selection', ['recency', 'value_norm', 'random'])
+@torch.no_grad()
+def test_selection_reaches_the_op(selection):
+    model = tiny_model(selection=selection)
+    assert all(block.attn.selection == selection for block in model.model.layers)
+    x = tokens(1, 20)
+    assert not torch.allclose(model(x).logits, tiny_model()(x).logits)
+
+
+def test_default_config_runs_on_cpu():
+    config = LoLAConfig(vocab_size=128, num_hidden_layers=1)
+    assert not (config.fuse_norm or config.fuse_swiglu or config.fuse_cross_entropy)
+    model = LoLAForCausalLM(config)
+    x = tokens(1, 70) % 128
+    assert math.isfinite(model(x, labels=x).loss.item())
