@@ -280,6 +280,9 @@ class LoLAAttention(nn.Module):
                 offsets = pos.gather(1, lead.clamp(max=q_len - 1)[:, None]).squeeze(1) - lead
             else:
                 offsets = state.seen.to(q.device) if state is not None else 0
+            # fla checks `T + offset <= table length` for every row, padded tail included
+            max_offset = int(offsets.max()) if isinstance(offsets, torch.Tensor) and offsets.numel() else 0
+            max_seqlen = max(max_seqlen, q_len + max_offset)
             return self.rotary(q, k, seqlen_offset=offsets, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
 
         self.rotary._update_cos_sin_cache(max_seqlen, device=q.device, dtype=q.dtype)
