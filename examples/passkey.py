@@ -1,0 +1,215 @@
+"""Pass-key retrieval in miniature: a softmax teacher, its linearized student, and LoLA's sparse cache.
+
+    python examples/passkey.py                     # evaluate the shipped weights (a few minutes on 2 cores)
+    python examples/passkey.py --train             # retrain teacher and student from scratch first (≤ 30 min)
+    python examples/passkey.py --smoke --json o.json   # tiny end-to-end run (CI)
+
+The teacher is a 2-layer softmax Llama trained on synthetic RULER-style pass-key documents
+(``fla_lola.passkey``); the student is the same model with every attention layer converted to LoLA
+(``fla_lola.convert``) and its feature maps and mixing logits fitted by attention transfer with an empty
+cache (``fla_lola.distill``). One student then runs every variant, since η, λ and the selection score
+change no weight:
+
+- ``lambda0``: λ = 0, η = 64, LoLCATs' window + linear attention;
+- ``lola``: η = 64, λ = 64, self-recall-error selection (the paper's method);
+- ``bigger_window``: λ = 0 and η = 96, i.e. the same number of stored key-value pairs as LoLA
+  (λ + 2η = 2η' = 192 per layer and head: LoLA keeps its cache, the previous chunk and the current one; the
+  window-only model keeps two chunks; both also hold the same linear memory H, s);
+- ``lola_recency``, ``lola_value_norm``, ``lola_random``: LoLA with another cache selection score.
+
+Accuracy is exact match of the 5 key digits (teacher-forced argmax, equal to greedy decoding) on
+documents of 512, 1K, 2K and 4K tokens, needle depths evenly spread, from a seed no training step uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+from fla_lola import passkey as pk
+from fla_lola.convert import set_lola
+
+ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]
+VARIANTS = {
+    "teacher": None,
+    "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"),
+    "lola": dict(window_size=ETA, cache_size=LAM, selection="sre"),
+    "bigger_window": dict(window_size=ETA + LAM // 2, cache_size=0, selection="sre"),
+    "lola_recency": dict(window_size=ETA, cache_size=LAM, selection="recency"),
+    "lola_value_norm": dict(window_size=ETA, cache_size=LAM, selection="value_norm"),
+    "lola_random": dict(window_size=ETA, cache_size=LAM, selection="random"),
+}
+LABELS = {
+    "teacher": "softmax teacher (full KV cache)",
+    "lambda0": f"λ=0, η={ETA} (LoLCATs)",
+    "lola": f"LoLA η={ETA}, λ={LAM}, SRE",
+    "bigger_window": f"window only, η={ETA + LAM // 2}",
+    "lola_recency": "LoLA, recency",
+    "lola_value_norm": "LoLA, value norm",
+    "lola_random": "LoLA, random",
+}
+
+
+def stored_pairs(variant: str, length: int) -> int:
+    """Exact key-value pairs one layer keeps per head after ``length`` tokens."""
+    cfg = VARIANTS[variant]
+    if cfg is None:
+        return length
+    return min(length, cfg["cache_size"] + 2 * cfg["window_size"])
+
+
+def train(out: str, smoke: bool, log) -> None:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if smoke:
+        schedule, tokens = [pk.Phase(20, 48, 96, 1e-3)], 512
+        distill = dict(steps=3, min_len=128, max_len=192, tokens_per_step=512)
+    else:
+        schedule, tokens, distill = pk.TEACHER_SCHEDULE, 4096, {}
+    t0 = time.time()
+    teacher = LlamaForCausalLM._from_config(pk.teacher_config(), attn_implementation="sdpa")
+    pk.train_teacher(teacher, schedule, tokens_per_step=tokens, log=log)
+    log(f"teacher trained in {time.time() - t0:.0f} s")
+    pk.save_model(teacher, os.path.join(out, "passkey_teacher"))
+    t1 = time.time()
+    student = pk.distill_student(teacher, log=log, **distill)
+    log(f"student distilled in {time.time() - t1:.0f} s")
+    pk.save_model(student, os.path.join(out, "passkey_student"))
+
+
+def evaluate(weights: str, lengths: list[int], docs: int, variants: list[str], batch_size: int) -> tuple[dict, dict]:
+    from tqdm.auto import tqdm
+
+    teacher = pk.load_teacher(os.path.join(weights, "passkey_teacher"))
+    student = pk.load_student(os.path.join(weights, "passkey_student"))
+    sets = {L: pk.eval_documents(L, docs) for L in lengths}
+    acc, seconds = {}, {}
+    bar = tqdm(total=len(variants) * docs * len(lengths), desc="evaluating", unit="doc", mininterval=2)
+    for name in variants:
+        t0 = time.time()
+        model = teacher if VARIANTS[name] is None else student
+        if VARIANTS[name] is not None:
+            set_lola(student, **VARIANTS[name])
+        acc[name] = {}
+        for L in lengths:
+            bar.set_postfix_str(f"{name} @ {L}")
+            hits = []
+            for i in range(0, docs, batch_size):
+                sub = pk.PassKeyBatch(sets[L].input_ids[i:i + batch_size], sets[L].answer_start, [], [])
+                hits.append(pk.exact_match(model, sub, batch_size=batch_size))
+                bar.update(sub.input_ids.shape[0])
+            acc[name][str(L)] = torch.cat(hits).float().mean().item()
+        seconds[name] = time.time() - t0
+    bar.close()
+    return acc, seconds
+
+
+def table(result: dict) -> str:
+    lengths = [str(L) for L in result["lengths"]]
+    head = f"{'variant':<34} {'pairs':>6} " + " ".join(f"{L:>7}" for L in lengths)
+    rows = [head, "-" * len(head)]
+    for name, accs in result["accuracy"].items():
+        rows.append(f"{LABELS[name]:<34} {result['stored_pairs'][name]:>6} "
+                    + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
+    max_len = lengths[-1]
+    rows.append(f"pairs = exact key-value pairs kept per layer and head at {max_len} tokens "
+                f"(the teacher's KV cache holds {result['kv_pairs'][max_len]}).")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, accs in result["accuracy"].items():
+        ax.plot(result["lengths"], [100 * accs[str(L)] for L in result["lengths"]], marker="o",
+                label=f"{LABELS[name]} ({result['stored_pairs'][name]} pairs)",
+                linewidth=2.5 if name == "lola" else 1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["lengths"], [f"{L // 1024}K" if L >= 1024 else str(L) for L in result["lengths"]])
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("pass-key exact match (%)")
+    ax.set_title(f"Pass-key retrieval: {result['documents_per_length']} documents per length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", action="store_true", help="train teacher and student from scratch first (≤ 30 min)")
+    p.add_argument("--smoke", action="store_true", help="tiny end-to-end run: a few training steps, short documents")
+    p.add_argument("--weights", default=None,
+                   help="directory of passkey_{teacher,student}.{safetensors,json}; default: examples/, or out/passkey "
+                        "with --train")
+    p.add_argument("--docs", type=int, default=None, help="documents per length (default 100; 4 with --smoke)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (default 512 1024 2048 4096)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--batch-size", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="write all numbers here")
+    p.add_argument("--png", default=None, help="write the plot here (default: next to --json, else passkey.png)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lengths = args.lengths or ([128, 256] if args.smoke else [512, 1024, 2048, 4096])
+    docs = args.docs or (4 if args.smoke else 100)
+    tmp = tempfile.TemporaryDirectory() if args.smoke and args.weights is None else None
+    weights = args.weights or (tmp.name if tmp else os.path.join("out", "passkey") if args.train else HERE)
+    log = (lambda s: None) if args.smoke else (lambda s: print(s, flush=True))
+    t0 = time.time()
+    if args.train or args.smoke:
+        os.makedirs(weights, exist_ok=True)
+        train(weights, args.smoke, log)
+    train_seconds = time.time() - t0
+
+    acc, seconds = evaluate(weights, lengths, docs, args.variants, args.batch_size)
+    result = {
+        "lengths": lengths,
+        "accuracy": acc,
+        "window_size": ETA,
+        "cache_size": LAM,
+        "stored_pairs": {v: stored_pairs(v, max(lengths)) for v in args.variants},
+        "kv_pairs": {str(L): L for L in lengths},
+        "variants": {v: VARIANTS[v] for v in args.variants},
+        "documents_per_length": docs,
+        "eval_seed": pk.EVAL_SEED,
+        "equal_memory": "stored pairs = λ + 2η per layer and head (cache + previous chunk + current chunk); "
+                        "bigger_window has λ = 0 and η' = η + λ/2, so 2η' = λ + 2η; every LoLA variant also "
+                        "holds the same linear memory (H, s)",
+        "train_seconds": round(train_seconds, 1) if (args.train or args.smoke) else None,
+        "eval_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "threads": torch.get_num_threads(),
+        "weights": os.path.abspath(weights) if tmp is None else None,
+    }
+    print(table(result))
+    print(f"evaluated {docs} documents per length in {sum(seconds.values()):.0f} s "
+          f"({torch.get_num_threads()} threads)")
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    plot(result, png)
+    print(f"plot: {png}" + (f", numbers: {args.json}" if args.json else ""))
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The pass-key pipeline: documents, conversion, attention transfer, LoLCATs import, selection, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fla_lola import lola_attention
+from fla_lola import passkey as pk
+from fla_lola.convert import convert_to_lola, set_lola
+from fla_lola.distill import attention_transfer, lola_layers, layer_mse
+from fla_lola.lolcats import load_lolcats_checkpoint, lolcats_state_dict
+from fla_lola.ops.utils import random_score
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(kind="llama", **kw):
+    """A random 2-layer transformers model with GQA (4 query heads, 2 key/value heads)."""
+    import transformers
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind]
+    cfg = getattr(transformers, f"{cls}Config")(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, **kw)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # Qwen2's q/k/v biases start at zero; make them matter
+                p.normal_(0, 0.5)
+    return model
+
+
+# ---------------------------------------------------------------- documents
+
+
+def test_documents_have_the_requested_length_needle_and_answer():
+    for length in (pk.MIN_LENGTH, 100, 512):
+        for depth in (0.0, 0.37, 1.0):
+            doc = pk.make_document(length, "40713", depth, filler_offset=3)
+            text = pk.TOKENIZER.decode(doc)
+            assert len(doc) == length
+            assert text.count("The pass key is 4 0 7 1 3 . Remember it .") == 1
+            assert text.endswith("What is the pass key ? The pass key is 4 0 7 1 3")
+    early = pk.TOKENIZER.decode(pk.make_document(512, "11111", 0.0)).index("pass key")
+    late = pk.TOKENIZER.decode(pk.make_document(512, "11111", 1.0)).index("pass key")
+    assert early < 20 < late
+    with pytest.raises(ValueError, match="minimum document length"):
+        pk.make_document(pk.MIN_LENGTH - 1, "12345", 0.5)
+
+
+def test_eval_documents_are_fixed_and_spread_in_depth():
+    a, b = pk.eval_documents(256, 11), pk.eval_documents(256, 11)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert a.depths == [i / 10 for i in range(11)]
+    assert len(set(a.keys)) == 11
+    train = pk.make_batch(256, 11, random.Random("passkey-train-0"))
+    assert not set(train.keys) & set(a.keys)
+
+
+def test_exact_match_scores_an_oracle_and_a_guesser():
+    batch = pk.eval_documents(128, 6)
+
+    def oracle(input_ids, use_cache=False):  # puts all mass on the true next token
+        nxt = batch.input_ids[:, 1:input_ids.shape[1] + 1]
+        return torch.nn.functional.one_hot(nxt, len(pk.TOKENIZER)).float()
+
+    def zeros(input_ids, use_cache=False):  # always says "0 0 0 0 0"
+        logits = torch.zeros(*input_ids.shape, len(pk.TOKENIZER))
+        logits[..., pk.TOKENIZER.index["0"]] = 1
+        return logits
+
+    assert pk.exact_match(oracle, batch).all()
+    assert (pk.exact_match(zeros, batch, batch_size=4) == torch.tensor([k == "00000" for k in batch.keys])).all()
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_conversion_with_full_cache_gives_the_teachers_logits(kind):
+    teacher = tiny(kind)
+    T = 80
+    student = convert_to_lola(teacher, window_size=8, cache_size=T, feature_dim=16)
+    ids = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = teacher(input_ids=ids).logits
+        got = student(input_ids=ids, use_cache=False).logits
+        # the float rounding of the teacher itself (sdpa vs eager) bounds what exactness can mean
+        other = type(teacher)._from_config(teacher.config, attn_implementation="sdpa")
+        other.load_state_dict(teacher.state_dict())
+        rounding = (other.eval()(input_ids=ids).logits - want).abs().max()
+    assert (got - want).abs().max() <= 10 * rounding + 1e-5
+    # λ = 0 is a different model (the window + linear memory): the test above is not vacuous
+    set_lola(student, cache_size=0)
+    with torch.no_grad():
+        assert (student(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
+
+
+def test_conversion_copies_shapes_and_initializes_as_lolcats():
+    teacher = tiny("llama", rope_theta=5000.0)
+    student = convert_to_lola(teacher, window_size=16, cache_size=8, feature_dim=32)
+    c = student.config
+    assert (c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta) == (4, 2, 16, 5000.0)
+    for layer in lola_layers(student):
+        assert layer.feature_map_q.weight.shape == (4, 16, 32)
+        assert torch.equal(layer.feature_map_q.weight, layer.feature_map_k.weight)  # LoLCATs deep-copies q's map
+        bound = (6 / (16 * 32)) ** 0.5  # kaiming_uniform_ on [H, D, f]
+        assert layer.feature_map_q.weight.abs().max() <= bound
+        torch.testing.assert_close(layer.gate, torch.full((4,), 0.1))
+    with pytest.raises(ValueError, match="rope_type"):
+        convert_to_lola(tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+
+
+# ---------------------------------------------------------------- attention transfer
+
+
+def test_attention_transfer_reduces_every_layer_mse():
+    teacher = tiny("llama")
+    student = convert_to_lola(teacher, window_size=8, cache_size=8, feature_dim=16)
+    gen = torch.Generator().manual_seed(2)
+    held_out = torch.randint(0, 64, (2, 96), generator=gen)
+    before = layer_mse(student, teacher, held_out)
+    frozen = {n: p.clone() for n, p in student.named_parameters()
+              if not any(t in n for t in ("feature_map", "window_factors"))}
+
+    losses = attention_transfer(student, teacher, lambda i: torch.randint(0, 64, (4, 96), generator=gen),
+                                steps=30, lr=3e-2, progress=False)
+    after = layer_mse(student, teacher, held_out)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
+    assert losses[-1] < losses[0]
+    assert all(m.cache_size == 8 for m in lola_layers(student))  # λ restored after training with λ = 0
+    for n, p in student.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+# ---------------------------------------------------------------- LoLCATs checkpoints
+
+
+def lolcats_checkpoint(H=4, D=16, f=8, layers=2, prefix="model.", tied=False):
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for i in range(layers):
+        base = f"{prefix}layers.{i}.self_attn."
+        sd[base + "feature_map_q.mlp.layer"] = torch.randn(H, D, f, generator=g)
+        if not tied:
+            sd[base + "feature_map_k.mlp.layer"] = torch.randn(H, D, f, generator=g)
+        sd[base + "window_factors"] = torch.randn(1, H, 1, 1, generator=g)
+    return {"model_state_dict": sd, "step": 100}
+
+
+def test_lolcats_checkpoint_round_trip(tmp_path):
+    student = convert_to_lola(tiny("llama"), window_size=8, cache_size=0, feature_dim=8)
+    ckpt = lolcats_checkpoint()
+    path = tmp_path / "distill.pt"
+    torch.save(ckpt, path)
+    report = load_lolcats_checkpoint(student, str(path))
+    assert report == {"loaded": [0, 1], "unexpected": [], "missing": []}
+    assert all(m.mix == "lolcats" for m in lola_layers(student)) and student.config.mix == "lolcats"
+    exported = lolcats_state_dict(student)
+    assert exported.keys() == ckpt["model_state_dict"].keys()
+    for k, v in ckpt["model_state_dict"].items():
+        assert torch.equal(exported[k], v), k
+    gate = torch.sigmoid(ckpt["model_state_dict"]["model.layers.1.self_attn.window_factors"].flatten())
+    torch.testing.assert_close(lola_layers(student)[1].gate, gate)
+
+
+def test_lolcats_import_accepts_peft_prefix_and_tied_maps_and_rejects_mismatches():
+    student = convert_to_lola(tiny("llama"), window_size=8, cache_size=0, feature_dim=8)
+    tied = lolcats_checkpoint(prefix="base_model.model.model.", tied=True)["model_state_dict"]
+    load_lolcats_checkpoint(student, tied, mix=None)
+    layer = lola_layers(student)[0]
+    assert layer.mix == "lola"
+    assert torch.equal(layer.feature_map_k.weight, tied["base_model.model.model.layers.0.self_attn.feature_map_q.mlp.layer"])
+    with pytest.raises(ValueError, match="shape"):
+        load_lolcats_checkpoint(student, lolcats_checkpoint(f=4))
+    extra = lolcats_checkpoint()
+    extra["model_state_dict"]["model.layers.0.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="not attention-transfer"):
+        load_lolcats_checkpoint(student, extra)
+    with pytest.raises(ValueError, match="without weights"):
+        load_lolcats_checkpoint(student, lolcats_checkpoint(layers=1))
+
+
+# ---------------------------------------------------------------- selection scores
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_each_selection_score_keeps_its_pair_from_a_haystack(backend):
+    """η = 2, λ = 1, one head: a repetitive filler (φk = e1, v = a) with one needle at position 2
+    (φk = e2, v = a/2, the smallest value)."""
+    # chunks: [0 1] [2 3] [4 5]. At the end of chunk 1 the memory is empty and W = {0, 1}: token 0 is
+    # kept (tie on ‖v‖, the earlier wins), token 1 folded, so H recalls a for e1. At the end of chunk 2
+    # the candidates are G ∪ W = {0, 2, 3}, scored against that memory:
+    #   sre: filler 0 and 3 are recalled exactly (e = 0); the needle has φk = e2, never seen: e = ‖v‖ = 0.5
+    #   recency: 3;  value_norm: 0 and 3 tie at ‖a‖ = 1 > 0.5, the earlier 0 wins;  random: a fixed hash
+    a, e1, e2 = [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]
+    v = torch.tensor([a, a, [0.5, 0.0], a, a, a], dtype=torch.float64)
+    fk = torch.tensor([e1, e1, e2, e1, e1, e1], dtype=torch.float64)
+    T = v.shape[0]
+    q = torch.randn(1, T, 1, 2, dtype=torch.float64)
+    k = torch.randn(1, T, 1, 2, dtype=torch.float64)
+    fq = torch.rand(1, T, 1, 2, dtype=torch.float64)
+    rnd = random_score(torch.tensor([0, 2, 3]), torch.zeros(3, dtype=torch.long))
+    expect = {"sre": 2, "recency": 3, "value_norm": 0, "random": [0, 2, 3][int(rnd.argmax())]}
+    for selection, keep in expect.items():
+        _, state = lola_attention(q, k, v[None, :, None], fq, fk[None, :, None], torch.tensor([0.5], dtype=torch.float64),
+                                  window_size=2, cache_size=1, selection=selection, output_final_state=True,
+                                  backend=backend)
+        assert state.cache_pos[0, 0].tolist() == [keep], selection
+
+
+def test_selection_reaches_every_layer_of_a_converted_model():
+    student = convert_to_lola(tiny("llama"), window_size=8, cache_size=4, feature_dim=8)
+    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(4))
+    outs = {}
+    for selection in ("sre", "recency", "value_norm", "random"):
+        set_lola(student, selection=selection)
+        assert student.config.selection == selection
+        assert all(m.selection == selection for m in lola_layers(student))
+        with torch.no_grad():
+            outs[selection] = student(input_ids=ids, use_cache=False).logits
+    assert len({round(o.sum().item(), 4) for o in outs.values()}) == 4  # each score changes what is kept
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@pytest.mark.slow
+def test_passkey_smoke_writes_json_and_png(tmp_path):
+    out = tmp_path / "passkey.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "passkey.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    variants = {"teacher", "lambda0", "lola", "bigger_window", "lola_recency", "lola_value_norm", "lola_random"}
+    assert set(result["accuracy"]) == variants == set(result["stored_pairs"])
+    assert result["lengths"] == [128, 256]
+    for accs in result["accuracy"].values():
+        assert set(accs) == {"128", "256"} and all(0.0 <= x <= 1.0 for x in accs.values())
+    assert (result["window_size"], result["cache_size"]) == (64, 64)
+    assert result["stored_pairs"]["lola"] == result["stored_pairs"]["bigger_window"] == 192
+    assert result["kv_pairs"] == {"128": 128, "256": 256}
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "LoLA η=64, λ=64, SRE" in run.stdout
