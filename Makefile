@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/passkey.py
+	$(PY) examples/passkey.py --json out/passkey.json
 
 test: $(VENV)/.installed
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m "not triton" -p no:cacheprovider

@@ -195,13 +195,14 @@ def main(argv=None) -> dict:
         "train_seconds": round(train_seconds, 1) if (args.train or args.smoke) else None,
         "eval_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "threads": torch.get_num_threads(),
-        "weights": os.path.abspath(weights) if tmp is None else None,
+        "weights": os.path.relpath(weights) if tmp is None else None,
     }
     print(table(result))
     print(f"evaluated {docs} documents per length in {sum(seconds.values()):.0f} s "
           f"({torch.get_num_threads()} threads)")
     png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     plot(result, png)
