@@ -90,7 +90,8 @@ def chunk_lola_attention(
         qgrid[:, :, p0 + T:].zero_()
         for (lo, hi), x in zip(fields, (k, v, fk)):
             grid[:, :, :, eta + p0:eta + p0 + T, lo:hi] = per_group(x.transpose(1, 2))
-        qgrid[:, :, p0:p0 + T] = torch.cat([q, fq], -1).transpose(1, 2)
+        qgrid[:, :, p0:p0 + T, :D] = q.transpose(1, 2) * scale             # queries pre-scaled
+        qgrid[:, :, p0:p0 + T, D:] = fq.transpose(1, 2)
 
         def untangle(y):  # [N, C*η, H, Dv] -> [B, T, H, Dv]
             return y[:, p0:p0 + T]
@@ -100,7 +101,7 @@ def chunk_lola_attention(
         slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
         for (lo, hi), x in zip(fields, (k, v, fk)):
             grid[tr, :, :, slot, lo:hi] = x[tb, tt].unflatten(1, (Hkv, -1)).to(acc)
-        qgrid[tr, :, slot - eta] = torch.cat([q, fq], -1)[tb, tt].to(acc)
+        qgrid[tr, :, slot - eta] = torch.cat([q * scale, fq], -1)[tb, tt].to(acc)
 
         def untangle(y):
             return q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta])
@@ -111,7 +112,7 @@ def chunk_lola_attention(
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     qgrid = qgrid.view(M, C, eta, D + F)
-    Q, FQ = qgrid[..., :D] * scale, qgrid[..., D:]                                   # [M, C, η, ·], Q pre-scaled
+    Q, FQ = qgrid[..., :D], qgrid[..., D:]                                           # [M, C, η, ·], Q pre-scaled
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
