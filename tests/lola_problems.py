@@ -90,6 +90,18 @@ def split_points(draw, T):
     return [0] + points + [T]
 
 
+def padding_mask(T: int, kept: list[float], left: bool) -> torch.Tensor:
+    """``[len(kept), T]`` 0/1 mask: row ``b`` keeps ``round(kept[b] * T)`` tokens, at the end (left padding) or the
+    start (right padding)."""
+    mask = torch.zeros(len(kept), T, dtype=torch.long)
+    for b, f in enumerate(kept):
+        n = round(f * T)
+        if n:
+            mask[b, T - n:] = 1 if left else 0
+            mask[b, :n] = 0 if left else 1
+    return mask
+
+
 def assert_states_equal(a: LoLAState, b: LoLAState, atol=1e-10, rtol=1e-10):
     assert torch.equal(a.seen, b.seen), (a.seen, b.seen)
     assert torch.equal(a.cache_pos, b.cache_pos), (a.cache_pos, b.cache_pos)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as Fn
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from lola_problems import Problem, assert_states_equal, make_problem, problems, split_points
+from lola_problems import Problem, assert_states_equal, make_problem, padding_mask, problems, split_points
 
 from fla_lola import LoLAState, lola_attention, naive_lola_attention
 
@@ -156,15 +156,10 @@ def test_state_size_does_not_grow_with_the_sequence(cache_size):
          kept=[0.0, 0.0, 0.0], left=False, backend='torch').via('a fully padded row gave 0/0 = NaN with mix="lolcats"')
 def test_padded_rows_equal_each_row_alone(p, kept, left, backend):
     B, T = p.q.shape[:2]
-    lengths = [round(f * T) for f in kept[:B]]
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        if n:
-            mask[b, T - n:] = 1 if left else 0
-            mask[b, :n] = 0 if left else 1
+    mask = padding_mask(T, kept[:B], left)
     o, state = run(p, backend, attention_mask=mask, output_final_state=True)
     assert (o[mask == 0] == 0).all()
-    for b, n in enumerate(lengths):
+    for b in range(B):
         keep = mask[b].bool()
         alone = [x[b:b + 1, keep] for x in p.tensors[:5]] + [p.gate]
         o_alone, s_alone = run(p, 'naive', tensors=alone, output_final_state=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from lola_problems import Problem, assert_states_equal, make_problem, split_points
+from lola_problems import Problem, assert_states_equal, make_problem, padding_mask, split_points
 
 from fla_lola import LoLAState, lola_attention, naive_lola_attention
 
@@ -186,12 +186,7 @@ def test_padded_rows_equal_each_row_alone(p, kept, left, decode):
     """Left or right padding (``attention_mask``), in a prefill or, with ``decode``, in the single-token step that
     follows it: padding gets zero outputs, enters no memory and moves no boundary."""
     B, T = p.q.shape[:2]
-    lengths = [round(f * T) for f in kept[:B]]
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        if n:
-            mask[b, T - n:] = 1 if left else 0
-            mask[b, :n] = 0 if left else 1
+    mask = padding_mask(T, kept[:B], left)
     if decode and T > 1:   # the last column is one decode step; its entries are the same 0/1 pattern
         o1, s1 = run(p, 'triton', tensors=p.slice(0, T - 1), attention_mask=mask[:, :-1].to(DEVICE),
                      output_final_state=True)
