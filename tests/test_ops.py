@@ -221,6 +221,79 @@ def test_masked_decode_rows_keep_their_state_and_output_zero():
     assert_states_equal(new, s_ref)
 
 
+# ---- in-place state updates (the layer owns its state in fla's Cache) --------------------------------
+
+@settings(max_examples=60)
+@given(p=problems(max_T=30), data=st.data())
+def test_inplace_decode_equals_out_of_place_and_naive(p, data):
+    """A prefill, then one token at a time with ``inplace_state=True`` (rows dropping out under a decode mask):
+    same outputs and final state as the out-of-place calls and as the naive reference, and the state object
+    passed in is the one that comes back, updated."""
+    B, T = p.q.shape[:2]
+    cut = data.draw(st.integers(0, T - 1))
+    masks = [torch.tensor(data.draw(st.lists(st.integers(0, 1), min_size=B, max_size=B)))[:, None]
+             for _ in range(cut, T)]
+    runs = {}
+    for mode in ('naive', 'out_of_place', 'inplace'):
+        backend = 'naive' if mode == 'naive' else 'torch'
+        state, outs = None, []
+        if cut:
+            o, state = run(p, backend, tensors=p.slice(0, cut), output_final_state=True)
+            outs.append(o)
+        for t, mask in zip(range(cut, T), masks):
+            kw = dict(inplace_state=True) if mode == 'inplace' and state is not None else {}
+            o, new = run(p, backend, tensors=p.slice(t, t + 1), initial_state=state, attention_mask=mask,
+                         output_final_state=True, **kw)
+            if kw:
+                assert new is state
+            state = new
+            outs.append(o)
+        runs[mode] = torch.cat(outs, 1), state
+    for mode in ('out_of_place', 'inplace'):
+        torch.testing.assert_close(runs[mode][0], runs['naive'][0], atol=1e-10, rtol=1e-9)
+        assert_states_equal(runs[mode][1], runs['naive'][1], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(runs['inplace'][0], runs['out_of_place'][0], atol=0, rtol=0)
+    assert_states_equal(runs['inplace'][1], runs['out_of_place'][1], atol=0, rtol=0)
+
+
+@given(p=problems(max_T=30), backend=st.sampled_from(['naive', 'torch']))
+def test_inplace_prefill_writes_the_out_of_place_result(p, backend):
+    """Calls of several tokens with ``inplace_state=True`` copy their result into the state passed in."""
+    T = p.q.shape[1]
+    cut = max(1, T // 2)
+    _, state = run(p, 'torch', tensors=p.slice(0, cut), output_final_state=True)
+    later = dict(tensors=p.slice(cut, T), initial_state=state, output_final_state=True)
+    o_ref, s_ref = run(p, backend, **later)
+    o, new = lola_attention(*later.pop('tensors'), **p.options, backend=backend, inplace_state=True, **later)
+    assert new is state
+    torch.testing.assert_close(o, o_ref, atol=0, rtol=0)
+    assert_states_equal(state, s_ref, atol=0, rtol=0)
+
+
+def test_failed_inplace_call_changes_nothing():
+    """Every check runs before the state is written: a call that raises leaves it bit for bit as it was."""
+    p = make_problem(7, B=2, T=12, H=2, Hkv=1, D=4, Dv=3, F=3, window_size=3, cache_size=2)
+    _, state = run(p, 'torch', tensors=p.slice(0, 11), output_final_state=True)  # the next token closes a chunk
+    before = state.clone()
+    one = p.slice(11, 12)
+    nan_q = [one[0].clone().fill_(float('nan'))] + one[1:]
+    neg_fk = one[:4] + [-one[4]] + one[5:]
+    bad_calls = [
+        (dict(tensors=nan_q), 'q'),
+        (dict(tensors=neg_fk), 'fk'),
+        (dict(tensors=one, attention_mask=torch.tensor([[2], [1]])), 'attention_mask'),
+        (dict(tensors=one[:5] + [one[5] * 0 + 1]), 'gate'),
+        (dict(tensors=[x[:1] for x in one[:5]] + [one[5]]), 'initial_state'),
+    ]
+    for kw, name in bad_calls:
+        with pytest.raises(ValueError, match=f'`{name}`'):
+            run(p, 'torch', initial_state=state, output_final_state=True, inplace_state=True, **kw)
+        assert_states_equal(state, before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match='`inplace_state`'):
+        run(p, 'torch', tensors=one, initial_state=state, inplace_state=True)
+    assert_states_equal(state, before, atol=0, rtol=0)
+
+
 # ---- autograd ---------------------------------------------------------------------------------------
 
 @settings(max_examples=25)

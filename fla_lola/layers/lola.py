@@ -256,6 +256,8 @@ class LoLAAttention(nn.Module):
             initial_state=state,
             output_final_state=keep_state,
             backend=self.backend,
+            # the state is the cache's own: update it in place (checked first, so a failed call changes nothing)
+            inplace_state=keep_state and state is not None and not torch.is_grad_enabled(),
         )
         if keep_state:
             update_layer_cache(self, past_key_values, recurrent_state=final_state, offset=q_len)

@@ -30,33 +30,45 @@ def decode_lola_attention(
     attention_mask: torch.Tensor | None,
     initial_state: LoLAState | None,
     output_final_state: bool,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, LoLAState | None]:
-    """``T == 1``; inputs already checked by :func:`fla_lola.lola_attention`."""
+    """``T == 1``; inputs already checked by :func:`fla_lola.lola_attention`.
+
+    ``inplace=True`` (with ``output_final_state``) writes the new state into ``initial_state``'s own tensors and
+    returns that object; otherwise ``initial_state`` is left untouched and a new state comes back.
+    """
     B, _, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
     eta, lam, grp = window_size, cache_size, H // k.shape[2]
     acc = accumulation_dtype(q.dtype)
     dev = q.device
+    inplace = inplace and initial_state is not None and output_final_state
     st = initial_state if initial_state is not None else \
         LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
-    active = torch.ones(B, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask[:, 0] != 0
+    active = None if attention_mask is None else attention_mask[:, 0] != 0
     phase = st.seen % eta
+    step = 1 if active is None else active.long()  # tokens each row takes
 
-    # write the token into slot η + phase of the rows that take one (the others keep what the slot holds)
+    # write the token into slot η + phase of the rows that take one (the others keep what the slot holds); in
+    # place, the state's own window is the buffer, else a copy of it
     rows, slot = torch.arange(B, device=dev), eta + phase
-    wk, wv, wfk = st.window_k.clone(), st.window_v.clone(), st.window_fk.clone()
+    wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
+        (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
     for buf, x in ((wk, k), (wv, v), (wfk, fk)):
-        buf[rows, :, slot] = torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
-    ar = torch.arange(eta, device=dev)
-    wvalid = torch.cat([(st.seen >= eta)[:, None].expand(B, eta), ar[None] < (phase + active)[:, None]], 1)
+        buf[rows, :, slot] = x[:, 0] if active is None else \
+            torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
+    # slot j of the window holds absolute position base + j; valid ones lie in [0, seen + step)
+    base = (st.seen // eta - 1) * eta
+    wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]                  # [B, 2η]
+    wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
 
     # one softmax over cache ∪ window, next to the linear read-out
-    qh = q[:, 0].to(acc).view(B, Hkv, grp, D)
-    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, 2 * eta) * scale
+    qh = q[:, 0].to(acc).view(B, Hkv, grp, D) * scale
+    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, 2 * eta)
     s_w = s_w.masked_fill_(~wvalid[:, None], float('-inf'))
     m = s_w.amax(-1)                                                               # [B, H]
     if lam > 0:
-        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam) * scale
+        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam)
         s_c = s_c.masked_fill_(st.cache_pos < 0, float('-inf'))
         m = torch.maximum(m, s_c.amax(-1))
     m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -65,56 +77,74 @@ def decode_lola_attention(
     den = p_w.sum(-1)
     if lam > 0:
         p_c = torch.exp(s_c - m[..., None])
-        num = num + (p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv)
-        den = den + p_c.sum(-1)
+        num = num.add_((p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv))
+        den = den.add_(p_c.sum(-1))
     fqh = fq[:, 0].to(acc).unsqueeze(-2)                                           # [B, H, 1, F]
     lin_num = (fqh @ st.h).view(B, H, Dv)
     lin_den = (fqh @ st.s.unsqueeze(-1)).view(B, H)
     g = gate.to(acc)[None, :]
     if mix == 'lola':
         e = torch.exp(-m)
-        y = (g[..., None] * num + ((1 - g) * e)[..., None] * lin_num) / \
-            (g * den + (1 - g) * e * lin_den + EPS * e)[..., None]
+        ge = (1 - g) * e                                                           # (1-γ)·e^{-c}
+        y = torch.addcmul(lin_num * ge[..., None], g[..., None], num) / \
+            torch.addcmul(torch.addcmul(e * EPS, ge, lin_den), g, den)[..., None]
     else:
         den = g * den + lin_den  # zero only for a padding row with an empty state
         y = (g[..., None] * num + lin_num) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    o = torch.where(active[:, None, None], y, torch.zeros_like(y)).unsqueeze(1).to(q.dtype)
+    if active is not None:
+        y = torch.where(active[:, None, None], y, torch.zeros_like(y))
+    o = y.unsqueeze(1).to(q.dtype)
     if not output_final_state:
         return o, None
 
     h, s = st.h, st.s
     ck, cv, cfk, cpos = st.cache_k, st.cache_v, st.cache_fk, st.cache_pos
-    boundary = active & (phase + 1 == eta)
+
+    def put(old, new, where):  # rows `where` take `new`: written into `old` in place, else a new tensor
+        if inplace:
+            return old.copy_(new) if everywhere else old.copy_(torch.where(where, new, old))
+        return new if everywhere else torch.where(where, new, old)
+
+    boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
     if bool(boundary.any()):
         # rows with a previous chunk W: select from G ∪ W and fold the rest
         sel = boundary & (st.seen >= eta)
         if bool(sel.any()):
+            everywhere = bool(sel.all())
+
             def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
                 return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
-            w_pos = ((st.seen // eta - 1) * eta)[:, None] + ar[None]             # [B, η]
+            w_pos = wpos[:, :eta]                                                  # [B, η], all valid here
             hs = torch.cat([h, s.unsqueeze(-1)], -1).reshape(B * H, F, Dv + 1)
             w_valid = (w_pos >= 0).to(wv.dtype)[:, None, :, None].expand(B, Hkv, eta, 1)
             w_pairs = torch.cat([heads(wk[:, :, :eta]), heads(torch.cat([wv[:, :, :eta], w_valid], -1)),
                                  wfk[:, :, :eta].reshape(B * H, eta, F)], -1)
-            c_pairs = torch.cat([ck, cv, (cpos >= 0).unsqueeze(-1).to(cv.dtype), cfk], -1).reshape(B * H, lam, D + Dv + 1 + F)
+            c_pairs = torch.cat([ck, cv, (cpos >= 0).unsqueeze(-1).to(cv.dtype), cfk], -1) \
+                .reshape(B * H, lam, D + Dv + 1 + F)
             cand_pos = torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
             new_hs, new_cache, new_pos = select_and_fold(
-                selection, lam, hs, torch.cat([c_pairs, w_pairs], 1), cand_pos, torch.arange(H, device=dev).repeat(B), D)
-            u = sel[:, None, None, None]
+                selection, lam, hs, torch.cat([c_pairs, w_pairs], 1), cand_pos,
+                torch.arange(H, device=dev).repeat(B), D)
+            u, u3 = sel[:, None, None, None], sel[:, None, None]
             new_hs, new_cache = new_hs.view(B, H, F, Dv + 1), new_cache.view(B, H, lam, D + Dv + 1 + F)
-            h = torch.where(u, new_hs[..., :-1], h)
-            s = torch.where(sel[:, None, None], new_hs[..., -1], s)
-            ck = torch.where(u, new_cache[..., :D], ck)
-            cv = torch.where(u, new_cache[..., D:D + Dv], cv)
-            cfk = torch.where(u, new_cache[..., D + Dv + 1:], cfk)
-            cpos = torch.where(sel[:, None, None], new_pos.view(B, H, lam), cpos)
-        # then W <- P and P <- ∅
+            h, s = put(h, new_hs[..., :-1], u), put(s, new_hs[..., -1], u3)
+            ck = put(ck, new_cache[..., :D], u)
+            cv = put(cv, new_cache[..., D:D + Dv], u)
+            cfk = put(cfk, new_cache[..., D + Dv + 1:], u)
+            cpos = put(cpos, new_pos.view(B, H, lam), u3)
+        # then W <- P and P <- ∅ (the window buffers are this call's own: the state's when in place, else copies)
         b4 = boundary[:, None, None, None]
+        for x in (wk, wv, wfk):
+            if bool(boundary.all()):
+                x[:, :, :eta] = x[:, :, eta:]
+                x[:, :, eta:] = 0
+            else:
+                x[:, :, :eta] = torch.where(b4, x[:, :, eta:], x[:, :, :eta])
+                x[:, :, eta:].masked_fill_(b4, 0)
 
-        def shift(x):
-            return torch.where(b4, torch.cat([x[:, :, eta:], torch.zeros_like(x[:, :, eta:])], 2), x)
-        wk, wv, wfk = shift(wk), shift(wv), shift(wfk)
-
+    if inplace:
+        st.seen.add_(step)
+        return o, st
     final = LoLAState(h=h, s=s, cache_k=ck, cache_v=cv, cache_fk=cfk, cache_pos=cpos,
-                      window_k=wk, window_v=wv, window_fk=wfk, seen=st.seen + active.long())
+                      window_k=wk, window_v=wv, window_fk=wfk, seen=st.seen + step)
     return o, final

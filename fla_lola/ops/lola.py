@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 
 import torch
 
@@ -33,6 +34,7 @@ def lola_attention(
     output_final_state: bool = False,
     backend: str = 'auto',
     validate: bool = True,
+    inplace_state: bool = False,
 ) -> tuple[torch.Tensor, LoLAState | None]:
     r"""LoLA attention: sliding window + sparse cache (exact softmax) + linear memory, one normalizer.
 
@@ -57,12 +59,17 @@ def lola_attention(
         cu_seqlens (Optional[torch.LongTensor]): ``[N+1]`` cumulative lengths of ``N`` sequences packed
             along ``T`` (``B == 1``), fla's varlen convention; each sequence has its own state row.
         initial_state (Optional[LoLAState]): the state to continue from, one row per batch row (or per
-            packed sequence). Never modified.
+            packed sequence). Never modified, unless ``inplace_state=True``.
         output_final_state (bool): whether to return the state after this call.
         backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
             ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
         validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range). Shapes are
             always checked; a decode loop over trusted inputs may turn this off.
+        inplace_state (bool): for a caller that owns ``initial_state`` (the layer, whose state lives in fla's
+            ``Cache``): write the final state into ``initial_state``'s tensors and return that same object
+            instead of a copy. Needs ``output_final_state=True``. Every check runs before anything is written,
+            so a call that raises leaves the state as it was. The one-token torch path then touches only the
+            written slot (and ``H``, ``s``, the cache at a chunk boundary); other paths copy their result in.
 
     Returns:
         o (torch.Tensor): ``[B, T, H, Dv]`` in the dtype of ``q``, zero at padding.
@@ -72,9 +79,25 @@ def lola_attention(
         raise ValueError(f"`backend`: must be one of {BACKENDS}, got {backend!r}")
     scale = check_inputs(q, k, v, fq, fk, gate, window_size, cache_size, scale, mix, selection,
                          attention_mask, cu_seqlens, initial_state, validate)
+    if inplace_state not in (True, False):
+        raise ValueError(f"`inplace_state`: must be a bool, got {inplace_state!r}")
+    if inplace_state and not output_final_state:
+        raise ValueError("`inplace_state`: updating the state in place needs `output_final_state=True`")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
     if backend == 'auto':
         backend = 'triton' if q.is_cuda and not needs_grad and selection == 'sre' else 'torch'
+    if inplace_state and needs_grad:
+        raise ValueError("`inplace_state`: the state cannot be updated in place while inputs require grad")
+    if inplace_state and initial_state is not None and not (q.shape[1] == 1 and cu_seqlens is None
+                                                             and backend == 'torch'):
+        # every other path builds a new state; copy it into the caller's (all checks have passed by now)
+        o, final = lola_attention(q, k, v, fq, fk, gate, window_size=window_size, cache_size=cache_size,
+                                  scale=scale, mix=mix, selection=selection, attention_mask=attention_mask,
+                                  cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=True,
+                                  backend=backend, validate=False)
+        for f in fields(final):
+            getattr(initial_state, f.name).copy_(getattr(final, f.name))
+        return o, initial_state
     kwargs = dict(window_size=window_size, cache_size=cache_size, scale=scale, mix=mix, selection=selection,
                   attention_mask=attention_mask, initial_state=initial_state, output_final_state=output_final_state)
 
@@ -92,5 +115,5 @@ def lola_attention(
         from fla_lola.kernels import triton_lola_attention
         return triton_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
     if q.shape[1] == 1 and cu_seqlens is None:
-        return decode_lola_attention(q, k, v, fq, fk, gate, **kwargs)
+        return decode_lola_attention(q, k, v, fq, fk, gate, inplace=inplace_state, **kwargs)
     return chunk_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
