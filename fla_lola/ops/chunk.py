@@ -132,23 +132,44 @@ def chunk_lola_attention(
     cand_buf = None if torch.is_grad_enabled() and (PAIRS.requires_grad or cache.requires_grad) else \
         PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
     y = Q.new_empty(M, C, eta, Dv)
+    # without autograd, temporaries are overwritten in place (exp's backward would need its output)
+    in_place = cand_buf is not None
     for c in range(C):
         # ---- 1. softmax logits over W ∪ (causal) current chunk, and over the cache --------------
         s_w = torch.bmm(Q[:, c], window(K, c).transpose(1, 2))                 # [M, η, 2η]
-        s_w = s_w.masked_fill_(hidden | ~kval[:, c:c + 2].reshape(M, 1, 2 * eta), float('-inf'))
-        m = s_w.amax(-1)
         if lam > 0:
             s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2))           # [M, η, λ]
-            s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
-            m = torch.maximum(m, s_g.amax(-1))
-        # ---- 2. one max for both, then the linear read-out under the spec's normalizer ----------
-        m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c))       # [M, η, Dv+1]
-        if lam > 0:
-            nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
+        if mix == 'lola':
+            # ---- 2. mix="lola": c = max(0, max_j a_j). Empty slots (of the grid and of the cache) hold zero
+            # rows, so their logit is 0 ≤ c and their [v | 1] row is zero: they add exactly nothing and need no
+            # mask. Future keys of the current chunk are set to 0 before the max and zeroed after the exp. No
+            # -inf ever reaches exp (whose vectorized CPU kernel takes a slow path on underflowing inputs).
+            s_w = s_w.masked_fill_(hidden, 0.)
+            m = s_w.amax(-1)
+            if lam > 0:
+                m = torch.maximum(m, s_g.amax(-1))
+            m = m.clamp(min=0).unsqueeze(-1)
+            if in_place:
+                p_w = s_w.sub_(m).exp_().masked_fill_(hidden, 0.)
+            else:
+                p_w = torch.exp(s_w - m).masked_fill(hidden, 0.)
+            nd = torch.bmm(p_w, window(V1, c))                                  # [M, η, Dv+1]
+            if lam > 0:
+                nd = torch.baddbmm(nd, s_g.sub_(m).exp_() if in_place else torch.exp(s_g - m),
+                                   cache[..., D:D + Dv + 1])
+        else:
+            s_w = s_w.masked_fill_(hidden | ~kval[:, c:c + 2].reshape(M, 1, 2 * eta), float('-inf'))
+            m = s_w.amax(-1)
+            if lam > 0:
+                s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
+                m = torch.maximum(m, s_g.amax(-1))
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c))   # [M, η, Dv+1]
+            if lam > 0:
+                nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
         lin = torch.bmm(FQ[:, c], hs)                                           # [M, η, Dv+1]
         if mix == 'lola':
-            e = torch.exp(-m).unsqueeze(-1)
+            e = torch.exp(-m)
             out = gamma * nd + (1 - gamma) * e * lin
             y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
         else:
