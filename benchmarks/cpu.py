@@ -1,35 +1,91 @@
-"""LoLA's torch backend vs PyTorch SDPA on this CPU, measured in one run.
+"""LoLA's torch backend vs PyTorch SDPA on this CPU, measured in one run, with issue 11's targets.
 
-    python benchmarks/cpu.py [--lengths 1024 4096 16384 65536] [--json out.json] [--png out.png]
+    python benchmarks/cpu.py [--lengths 1024 4096 16384 65536] [--threads 2] [--json out.json] [--png out.png]
 
-B=1, H=8, D=Dv=64, F=128, η=λ=64, float32 by default. For each length: prefill tokens/s of LoLA and of
-causal SDPA, the decode step after a T-token prefill (LoLA's fixed state vs SDPA over a T-token KV cache),
-state bytes vs KV-cache bytes, and the cost of λ=64 over λ=0. Every time is the median of ``--repeats``
-runs after one warm-up; ratios compare numbers from this same run. Targets (issue 3) are printed with the
-measured ratio and whether it was met: keep the machine otherwise idle while this runs.
+B=1, H=8, D=Dv=64, F=128, η=λ=64, float32 by default. For each length: prefill tokens/s of LoLA (λ=64 and λ=0)
+and of causal SDPA, timed interleaved (one run of each per round, ``--repeats`` rounds, medians); the decode step
+after a T-token prefill (LoLA's fixed state updated in place, as the layer does inside ``generate``, vs SDPA over a
+T-token KV cache); the peak memory of a LoLA prefill (every allocation replayed from torch.profiler's memory events,
+so it counts the op's own temporaries and output, not the inputs) against the bytes of its input tensors; and work
+counts that do not depend on the machine's load: aten ops per prefill chunk and per decode step. Every target of
+issue 11 is printed with its measured figure as met or MISSED: keep the machine otherwise idle while this runs.
+``--smoke`` runs tiny lengths in seconds (the figures then mean nothing; CI checks that the script runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fla_lola import lola_attention
 
+# aten ops that only make views (no kernel runs): left out of the "compute ops" count
+VIEW_OPS = {'view', 'slice', 'select', 'unsqueeze', 'expand', 'as_strided', 'transpose', '_unsafe_view', 't', 'alias',
+            'permute', 'squeeze', 'unflatten', 'detach', 'split', 'unbind', '_reshape_alias'}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a call dispatches (all, and those that run a kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def compute(self) -> int:
+        return sum(n for name, n in self.counts.items() if name not in VIEW_OPS)
+
+
+def count_ops(fn) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes held by the tensors ``fn`` allocates (torch's CPU allocator, replayed from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """One warm-up each, then ``repeats`` rounds running every function once per round; median seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
 
 def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return interleaved_medians({'f': fn}, repeats)['f']
 
 
 def inputs(T, H, D, Fdim, dtype, seed=0):
@@ -39,93 +95,145 @@ def inputs(T, H, D, Fdim, dtype, seed=0):
     return q, k, v, fq, fk, torch.full((H,), 0.5, dtype=dtype)
 
 
+def within(values, band):
+    """Largest relative deviation from the median, and whether it is within ``band``."""
+    med = statistics.median(values)
+    dev = max(abs(x / med - 1) for x in values)
+    return dev, dev <= band
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--lengths', type=int, nargs='+', default=[1024, 4096, 16384, 65536])
     ap.add_argument('--sdpa-max-len', type=int, default=16384, help='longest T at which SDPA prefill is timed')
+    ap.add_argument('--mem-max-len', type=int, default=16384, help='longest T whose peak prefill memory is traced')
     ap.add_argument('--heads', type=int, default=8)
     ap.add_argument('--head-dim', type=int, default=64)
     ap.add_argument('--feature-dim', type=int, default=128)
     ap.add_argument('--window-size', type=int, default=64)
     ap.add_argument('--cache-size', type=int, default=64)
-    ap.add_argument('--repeats', type=int, default=3)
+    ap.add_argument('--repeats', type=int, default=5)
     ap.add_argument('--decode-repeats', type=int, default=50)
-    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
+    ap.add_argument('--threads', type=int, default=2, help='torch threads (issue 11 measures with 2)')
+    ap.add_argument('--smoke', action='store_true', help='tiny sizes, seconds: checks that the script runs')
     ap.add_argument('--json', default=None)
     ap.add_argument('--png', default=None)
     args = ap.parse_args()
+    if args.smoke:
+        args.lengths, args.sdpa_max_len, args.mem_max_len = [128, 256], 256, 256
+        args.repeats, args.decode_repeats, args.window_size, args.cache_size = 1, 3, 16, 16
     H, D, Fd, eta, lam = args.heads, args.head_dim, args.feature_dim, args.window_size, args.cache_size
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float32
     rows = []
     torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H={H} D=Dv={D} F={Fd} η={eta} λ={lam}")
-    for T in args.lengths:
-        q, k, v, fq, fk, gate = inputs(T + 1, H, D, Fd, dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H={H} D=Dv={D} F={Fd} η={eta} λ={lam}; "
+          f"medians of {args.repeats} interleaved rounds")
+    from tqdm import tqdm
+    for T in tqdm(args.lengths, desc='lengths'):
+        q, k, v, fq, fk, gate = inputs(T + args.decode_repeats + 2, H, D, Fd, dtype)
         pre = [x[:, :T] for x in (q, k, v, fq, fk)] + [gate]
-        one = [x[:, T:] for x in (q, k, v, fq, fk)] + [gate]
 
         def lola(cache_size):
             return lola_attention(*pre, window_size=eta, cache_size=cache_size, output_final_state=True,
                                   backend='torch', validate=False)
 
-        t_lola = median_time(lambda: lola(lam), args.repeats)
-        t_lola0 = median_time(lambda: lola(0), args.repeats)
-        _, state = lola(lam)
-        t_dec = median_time(lambda: lola_attention(*one, window_size=eta, cache_size=lam, initial_state=state,
-                                                   output_final_state=True, backend='torch', validate=False),
-                            args.decode_repeats)
         qt, kt, vt = (x.transpose(1, 2) for x in pre[:3])
-        t_sdpa = median_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), args.repeats) \
-            if T <= args.sdpa_max_len else None
-        q1 = one[0].transpose(1, 2)
-        t_sdpa_dec = median_time(lambda: F.scaled_dot_product_attention(q1, kt, vt), args.decode_repeats)
+        fns = {'lola': lambda: lola(lam), 'lola0': lambda: lola(0)}
+        if T <= args.sdpa_max_len:
+            fns['sdpa'] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        t = interleaved_medians(fns, args.repeats)
+
+        # decode: the state updated in place, step after step (what the layer does under fla's Cache)
+        _, state = lola(lam)
+        step = iter(range(T, T + args.decode_repeats + 2))
+
+        def lola_step():
+            i = next(step)
+            lola_attention(*(x[:, i:i + 1] for x in (q, k, v, fq, fk)), gate, window_size=eta, cache_size=lam,
+                           initial_state=state, output_final_state=True, inplace_state=True, backend='torch',
+                           validate=False)
+        q1 = q[:, T:T + 1].transpose(1, 2)
+        td = interleaved_medians({'lola': lola_step,
+                                  'sdpa': lambda: F.scaled_dot_product_attention(q1, kt, vt)}, args.decode_repeats)
+        scratch = state.clone()
+        ops_step = count_ops(lambda: lola_attention(
+            *(x[:, T:T + 1] for x in (q, k, v, fq, fk)), gate, window_size=eta, cache_size=lam,
+            initial_state=scratch, output_final_state=True, inplace_state=True, backend='torch'))
+        in_bytes = sum(x.nbytes for x in pre[:5])
+        mem = peak_bytes(lambda: lola(lam)) if T <= args.mem_max_len else None
+        ops_prefill = count_ops(lambda: lola(lam)) if T == args.lengths[0] else None
         kv_bytes = 2 * T * H * D * q.element_size()
         rows.append(dict(
-            T=T, lola_tok_s=T / t_lola, lola0_tok_s=T / t_lola0, sdpa_tok_s=None if t_sdpa is None else T / t_sdpa,
-            prefill_speedup=None if t_sdpa is None else t_sdpa / t_lola, cache_cost=t_lola / t_lola0,
-            lola_decode_ms=t_dec * 1e3, sdpa_decode_ms=t_sdpa_dec * 1e3, decode_speedup=t_sdpa_dec / t_dec,
-            state_bytes=state.nbytes(), kv_cache_bytes=kv_bytes,
+            T=T, lola_tok_s=T / t['lola'], lola0_tok_s=T / t['lola0'],
+            sdpa_tok_s=T / t['sdpa'] if 'sdpa' in t else None,
+            prefill_speedup=t['sdpa'] / t['lola'] if 'sdpa' in t else None, cache_cost=t['lola'] / t['lola0'],
+            lola_decode_ms=td['lola'] * 1e3, sdpa_decode_ms=td['sdpa'] * 1e3, decode_speedup=td['sdpa'] / td['lola'],
+            decode_ops=ops_step.total, decode_compute_ops=ops_step.compute,
+            prefill_ops_per_chunk=None if ops_prefill is None else ops_prefill.total / (T / eta),
+            prefill_compute_ops_per_chunk=None if ops_prefill is None else ops_prefill.compute / (T / eta),
+            peak_prefill_bytes=mem, input_bytes=in_bytes, state_bytes=state.nbytes(), kv_cache_bytes=kv_bytes,
         ))
         r = rows[-1]
-        sdpa_txt = '—' if t_sdpa is None else f"{r['sdpa_tok_s']:.0f}"
-        print(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), "
-              f"SDPA {sdpa_txt} tok/s; decode {r['lola_decode_ms']:.3f} ms vs "
-              f"SDPA {r['sdpa_decode_ms']:.3f} ms; state {r['state_bytes'] / 2**20:.2f} MiB vs KV "
-              f"{kv_bytes / 2**20:.1f} MiB", flush=True)
+        sdpa_txt = '—' if r['sdpa_tok_s'] is None else f"{r['sdpa_tok_s']:.0f}"
+        mem_txt = '—' if mem is None else f"{mem / T:.0f} B/token ({mem / in_bytes:.2f}× inputs)"
+        tqdm.write(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), SDPA {sdpa_txt} tok/s; "
+                   f"decode {r['lola_decode_ms']:.3f} ms vs SDPA {r['sdpa_decode_ms']:.3f} ms; peak prefill memory "
+                   f"{mem_txt}; state {r['state_bytes'] / 2**20:.2f} MiB vs KV {kv_bytes / 2**20:.1f} MiB")
 
     print("\n| T | LoLA prefill tok/s | SDPA prefill tok/s | ratio | λ=64 / λ=0 time | LoLA decode ms | "
-          "SDPA decode ms | ratio | state MiB | KV cache MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "SDPA decode ms | ratio | peak prefill B/token | state MiB | KV cache MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sd = '—' if r['sdpa_tok_s'] is None else f"{r['sdpa_tok_s']:.0f}"
         ratio = '—' if r['prefill_speedup'] is None else f"{r['prefill_speedup']:.2f}×"
+        mem = '—' if r['peak_prefill_bytes'] is None else f"{r['peak_prefill_bytes'] / r['T']:.0f}"
         print(f"| {r['T']} | {r['lola_tok_s']:.0f} | {sd} | {ratio} | {r['cache_cost']:.2f} | "
-              f"{r['lola_decode_ms']:.3f} | {r['sdpa_decode_ms']:.3f} | {r['decode_speedup']:.1f}× | "
+              f"{r['lola_decode_ms']:.3f} | {r['sdpa_decode_ms']:.3f} | {r['decode_speedup']:.1f}× | {mem} | "
               f"{r['state_bytes'] / 2**20:.2f} | {r['kv_cache_bytes'] / 2**20:.1f} |")
+    print(f"\nwork per call: prefill {rows[0]['prefill_ops_per_chunk']:.1f} aten ops per chunk "
+          f"({rows[0]['prefill_compute_ops_per_chunk']:.1f} running a kernel); decode step (validated, in place) "
+          f"{rows[0]['decode_ops']} ops ({rows[0]['decode_compute_ops']} running a kernel)")
 
     by_t = {r['T']: r for r in rows}
-    toks = [r['lola_tok_s'] for r in rows]
-    decs = [r['lola_decode_ms'] for r in rows]
+    ref = 16384 if not args.smoke else args.lengths[-1]
     checks = []
-    if 16384 in by_t and by_t[16384]['prefill_speedup'] is not None:
-        checks.append(('prefill at 16K ≥ 5× SDPA', by_t[16384]['prefill_speedup'], by_t[16384]['prefill_speedup'] >= 5))
-    spread = max(toks) / min(toks) - 1
-    checks.append(('prefill tok/s flat across lengths within 25 % (max/min - 1)', spread, spread <= 0.25))
-    if 16384 in by_t:
-        checks.append(('decode ≥ 3× SDPA with a 16K KV cache', by_t[16384]['decode_speedup'],
-                       by_t[16384]['decode_speedup'] >= 3))
-    dspread = max(decs) / min(decs) - 1
-    checks.append(('decode step flat in T (max/min - 1 ≤ 25 %)', dspread, dspread <= 0.25))
+    if ref in by_t and by_t[ref]['prefill_speedup'] is not None:
+        checks.append((f'prefill at T={ref} ≥ 8× SDPA', by_t[ref]['prefill_speedup'], '×',
+                       by_t[ref]['prefill_speedup'] >= 8))
+    dev, ok = within([r['lola_tok_s'] for r in rows], 0.25)
+    checks.append((f'prefill tok/s flat within ±25 % of the median, T={rows[0]["T"]}..{rows[-1]["T"]} '
+                   '(largest deviation)', 100 * dev, '%', ok))
     worst = max(r['cache_cost'] for r in rows)
-    checks.append((f'λ={lam} costs ≤ 1.5× λ=0 (worst length)', worst, worst <= 1.5))
+    checks.append((f'λ={lam} prefill costs ≤ 1.3× λ=0 (worst length)', worst, '×', worst <= 1.3))
+    if ref in by_t:
+        checks.append((f'decode step ≥ 10× SDPA with a T={ref} KV cache', by_t[ref]['decode_speedup'], '×',
+                       by_t[ref]['decode_speedup'] >= 10))
+    dev, ok = within([r['lola_decode_ms'] for r in rows], 0.15)
+    checks.append((f'decode step flat within ±15 % of the median, T={rows[0]["T"]}..{rows[-1]["T"]} '
+                   '(largest deviation)', 100 * dev, '%', ok))
+    short, long_ = rows[0]['lola_decode_ms'], rows[-1]['lola_decode_ms']
+    checks.append((f'decode at T={rows[0]["T"]} costs no more than at T={rows[-1]["T"]} (+15 % noise): ratio',
+                   short / long_, '×', short <= 1.15 * long_))
+    mem_rows = [r for r in rows if r['peak_prefill_bytes'] is not None]
+    if len(mem_rows) >= 2:
+        a, b = mem_rows[0], mem_rows[-1]
+        slope = (b['peak_prefill_bytes'] - a['peak_prefill_bytes']) / (b['T'] - a['T'])
+        in_per_token = b['input_bytes'] / b['T']
+        checks.append((f'peak prefill memory linear in T: {slope:.0f} bytes/token (slope T={a["T"]}..{b["T"]}), '
+                       f'≤ 2× the inputs ({2 * in_per_token:.0f} bytes/token)', slope / in_per_token, '× inputs',
+                       slope <= 2 * in_per_token))
+        worst = max(r['peak_prefill_bytes'] / r['input_bytes'] for r in mem_rows)
+        checks.append(('peak prefill memory ≤ 2× the input tensors at every traced length (worst)', worst,
+                       '× inputs', worst <= 2))
     print()
-    for name, value, ok in checks:
-        print(f"[{'met' if ok else 'MISSED'}] {name}: {value:.2f}")
+    for name, value, unit, ok in checks:
+        print(f"[{'met' if ok else 'MISSED'}] {name}: {value:.2f}{'' if unit == '%' else ' '}{unit}")
     result = dict(config=dict(B=1, H=H, D=D, Dv=D, F=Fd, window_size=eta, cache_size=lam, dtype=str(dtype),
-                              threads=torch.get_num_threads(), torch=torch.__version__),
-                  rows=rows, targets=[dict(name=n, value=v, met=bool(ok)) for n, v, ok in checks])
+                              threads=torch.get_num_threads(), torch=torch.__version__, repeats=args.repeats,
+                              smoke=args.smoke),
+                  rows=rows, targets=[dict(name=n, value=v, unit=u, met=bool(ok)) for n, v, u, ok in checks])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)
@@ -133,17 +241,23 @@ def main():
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4))
         Ts = [r['T'] for r in rows]
-        a1.plot(Ts, toks, 'o-', label=f'LoLA (η=λ={eta})')
+        a1.plot(Ts, [r['lola_tok_s'] for r in rows], 'o-', label=f'LoLA (η=λ={eta})')
         a1.plot(Ts, [r['lola0_tok_s'] for r in rows], 's--', label='LoLA λ=0')
         sd = [(r['T'], r['sdpa_tok_s']) for r in rows if r['sdpa_tok_s']]
         a1.plot(*zip(*sd), '^-', label='SDPA causal')
         a1.set(xscale='log', xlabel='prefill length T', ylabel='tokens / s', title='Prefill throughput (CPU)')
-        a2.plot(Ts, decs, 'o-', label='LoLA (fixed state)')
+        a2.plot(Ts, [r['lola_decode_ms'] for r in rows], 'o-', label='LoLA (fixed state, in place)')
         a2.plot(Ts, [r['sdpa_decode_ms'] for r in rows], '^-', label='SDPA (T-token KV cache)')
         a2.set(xscale='log', yscale='log', xlabel='tokens before the step', ylabel='ms', title='Decode step')
-        for a in (a1, a2):
+        if mem_rows:
+            a3.plot([r['T'] for r in mem_rows], [r['peak_prefill_bytes'] / 2**20 for r in mem_rows], 'o-',
+                    label='LoLA peak prefill memory')
+            a3.plot([r['T'] for r in mem_rows], [r['input_bytes'] / 2**20 for r in mem_rows], 's--',
+                    label='input tensors q, k, v, φq, φk')
+        a3.set(xscale='log', yscale='log', xlabel='prefill length T', ylabel='MiB', title='Prefill memory')
+        for a in (a1, a2, a3):
             a.legend()
             a.grid(alpha=0.3)
         fig.tight_layout()
