@@ -102,7 +102,7 @@ def within(values, band):
     return dev, dev <= band
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--lengths', type=int, nargs='+', default=[1024, 4096, 16384, 65536])
     ap.add_argument('--sdpa-max-len', type=int, default=16384, help='longest T at which SDPA prefill is timed')
@@ -118,7 +118,7 @@ def main():
     ap.add_argument('--smoke', action='store_true', help='tiny sizes, seconds: checks that the script runs')
     ap.add_argument('--json', default=None)
     ap.add_argument('--png', default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.lengths, args.sdpa_max_len, args.mem_max_len = [128, 256], 256, 256
         args.repeats, args.decode_repeats, args.window_size, args.cache_size = 1, 3, 16, 16
@@ -262,6 +262,7 @@ def main():
             a.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
+    return result
 
 
 if __name__ == '__main__':
