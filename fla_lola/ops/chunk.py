@@ -74,7 +74,6 @@ def chunk_lola_attention(
     uniform = attention_mask is None and cu_seqlens is None and bool((phase == phase[0]).all())
     alloc = torch.empty if uniform else torch.zeros  # the uniform layout zeroes only the slots nothing writes
     grid = alloc(N, Hkv, grp, G_len, E, dtype=acc, device=dev)
-    qgrid = alloc(N, H, C * eta, D + F, dtype=acc, device=dev)
     fields = ((0, D), (D, D + Dv), (D + Dv + 1, E))
 
     def per_group(x):  # [..., H, ...] split into [..., Hkv, grp, ...] at dim 1 (k, v broadcast over the group)
@@ -83,27 +82,43 @@ def chunk_lola_attention(
     for (lo, hi), w in zip(fields, (state.window_k, state.window_v, state.window_fk)):
         grid[:, :, :, :2 * eta, lo:hi] = per_group(w)
     if uniform:
-        # every row takes all T tokens at the same phase: plain slices, no scatter
+        # every row takes all T tokens at the same phase: plain slices, no scatter. Queries are read straight from
+        # q and φq chunk by chunk (a view when B == 1) and outputs written straight into o: no query grid.
         p0 = int(phase[0])
         grid[:, :, :, max(2 * eta, eta + p0 + T):].zero_()
-        qgrid[:, :, :p0].zero_()
-        qgrid[:, :, p0 + T:].zero_()
         for (lo, hi), x in zip(fields, (k, v, fk)):
             grid[:, :, :, eta + p0:eta + p0 + T, lo:hi] = per_group(x.transpose(1, 2))
-        qgrid[:, :, p0:p0 + T, :D] = q.transpose(1, 2) * scale             # queries pre-scaled
-        qgrid[:, :, p0:p0 + T, D:] = fq.transpose(1, 2)
+        o = q.new_empty(B, T, H, Dv, dtype=acc)
 
-        def untangle(y):  # [N, C*η, H, Dv] -> [B, T, H, Dv]
-            return y[:, p0:p0 + T]
+        def queries(c):  # (first query slot in chunk c, its tokens t0:t1, queries [M, n, D], features [M, n, F])
+            t0, t1 = max(0, c * eta - p0), max(0, min(T, (c + 1) * eta - p0))
+            return (t0 + p0 - c * eta, t0, t1, q[:, t0:t1].transpose(1, 2).reshape(M, t1 - t0, D).to(acc),
+                    fq[:, t0:t1].transpose(1, 2).reshape(M, t1 - t0, F).to(acc))
+
+        def emit(t0, t1, y):
+            o[:, t0:t1] = y.view(B, H, t1 - t0, Dv).transpose(1, 2)
+
+        def untangle():
+            return o
     else:
+        qgrid = torch.zeros(N, H, C * eta, D + F, dtype=acc, device=dev)
         tb, tt = rows.valid.nonzero(as_tuple=True)               # real tokens, in (b, t) order
         tr = rows.row[tb, tt]
         slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
         for (lo, hi), x in zip(fields, (k, v, fk)):
             grid[tr, :, :, slot, lo:hi] = x[tb, tt].unflatten(1, (Hkv, -1)).to(acc)
-        qgrid[tr, :, slot - eta] = torch.cat([q * scale, fq], -1)[tb, tt].to(acc)
+        qgrid[tr, :, slot - eta] = torch.cat([q, fq], -1)[tb, tt].to(acc)
+        qgrid = qgrid.view(M, C, eta, D + F)
+        y_all = q.new_empty(M, C, eta, Dv, dtype=acc)
 
-        def untangle(y):
+        def queries(c):
+            return 0, c, c + 1, qgrid[:, c, :, :D], qgrid[:, c, :, D:]
+
+        def emit(c, _, y):
+            y_all[:, c] = y
+
+        def untangle():
+            y = y_all.view(N, H, C * eta, Dv).transpose(1, 2)
             return q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta])
     grid[..., D + Dv] = kvalid[:, None, None, :].to(acc)
 
@@ -111,8 +126,6 @@ def chunk_lola_attention(
     K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
-    qgrid = qgrid.view(M, C, eta, D + F)
-    Q, FQ = qgrid[..., :D], qgrid[..., D:]                                           # [M, C, η, ·], Q pre-scaled
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
@@ -131,34 +144,38 @@ def chunk_lola_attention(
     # without autograd, the boundary's candidates G ∪ W are assembled in one reused buffer
     cand_buf = None if torch.is_grad_enabled() and (PAIRS.requires_grad or cache.requires_grad) else \
         PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
-    y = Q.new_empty(M, C, eta, Dv)
+    logit_buf = grid.new_empty(M, eta, 2 * eta + lam)  # baddbmm's ignored input (beta=0): scaled logits in one op
     # without autograd, temporaries are overwritten in place (exp's backward would need its output)
     in_place = cand_buf is not None
     for c in range(C):
         # ---- 1. softmax logits over W ∪ (causal) current chunk, and over the cache --------------
-        s_w = torch.bmm(Q[:, c], window(K, c).transpose(1, 2))                 # [M, η, 2η]
-        if lam > 0:
-            s_g = torch.bmm(Q[:, c], cache[..., :D].transpose(1, 2))           # [M, η, λ]
+        lo, t0, t1, Qc, FQc = queries(c)
+        n = Qc.shape[1]
+        hid = hidden[lo:lo + n]
+        s_w = torch.baddbmm(logit_buf[:, :n, :2 * eta], Qc, window(K, c).transpose(1, 2), beta=0, alpha=scale)
+        if lam > 0:                                                             # [M, n, 2η], [M, n, λ]
+            s_g = torch.baddbmm(logit_buf[:, :n, 2 * eta:], Qc, cache[..., :D].transpose(1, 2), beta=0,
+                                alpha=scale)
         if mix == 'lola':
             # ---- 2. mix="lola": c = max(0, max_j a_j). Empty slots (of the grid and of the cache) hold zero
             # rows, so their logit is 0 ≤ c and their [v | 1] row is zero: they add exactly nothing and need no
             # mask. Future keys of the current chunk are set to 0 before the max and zeroed after the exp. No
             # -inf ever reaches exp (whose vectorized CPU kernel takes a slow path on underflowing inputs).
-            s_w = s_w.masked_fill_(hidden, 0.)
+            s_w = s_w.masked_fill_(hid, 0.)
             m = s_w.amax(-1)
             if lam > 0:
                 m = torch.maximum(m, s_g.amax(-1))
             m = m.clamp(min=0).unsqueeze(-1)
             if in_place:
-                p_w = s_w.sub_(m).exp_().masked_fill_(hidden, 0.)
+                p_w = s_w.sub_(m).exp_().masked_fill_(hid, 0.)
             else:
-                p_w = torch.exp(s_w - m).masked_fill(hidden, 0.)
+                p_w = torch.exp(s_w - m).masked_fill(hid, 0.)
             nd = torch.bmm(p_w, window(V1, c))                                  # [M, η, Dv+1]
             if lam > 0:
                 nd = torch.baddbmm(nd, s_g.sub_(m).exp_() if in_place else torch.exp(s_g - m),
                                    cache[..., D:D + Dv + 1])
         else:
-            s_w = s_w.masked_fill_(hidden | ~kval[:, c:c + 2].reshape(M, 1, 2 * eta), float('-inf'))
+            s_w = s_w.masked_fill_(hid | ~kval[:, c:c + 2].reshape(M, 1, 2 * eta), float('-inf'))
             m = s_w.amax(-1)
             if lam > 0:
                 s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
@@ -167,17 +184,17 @@ def chunk_lola_attention(
             nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c))   # [M, η, Dv+1]
             if lam > 0:
                 nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
-        lin = torch.bmm(FQ[:, c], hs)                                           # [M, η, Dv+1]
+        lin = torch.bmm(FQc, hs)                                           # [M, η, Dv+1]
         if mix == 'lola':
             e = torch.exp(-m)
             out = gamma * nd + (1 - gamma) * e * lin
-            y[:, c] = out[..., :-1] / (out[..., -1:] + EPS * e)
+            emit(t0, t1, out[..., :-1] / (out[..., -1:] + EPS * e))
         else:
             out = gamma * nd + lin
             # only padding slots (no key at all) can have a zero denominator: keep them finite, and their
             # gradients too
             den = out[..., -1:]
-            y[:, c] = out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
+            emit(t0, t1, out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den)))
 
         # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
         update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
@@ -194,7 +211,7 @@ def chunk_lola_attention(
             cpos = torch.where(update[:, None], new_pos, cpos)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
-    o = untangle(y.view(N, H, C * eta, Dv).transpose(1, 2)).to(q.dtype)
+    o = untangle().to(q.dtype)
     if not output_final_state:
         return o, None
 
