@@ -26,4 +26,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/cpu.py --json benchmarks/cpu.json --png benchmarks/cpu.png
 
-.PHONY: install demo test bench
+bench-model: $(VENV)/.installed
+	$(PY) benchmarks/model.py --json benchmarks/model.json --png benchmarks/model.png
+
+.PHONY: install demo test bench bench-model

@@ -6,14 +6,20 @@ fall at the same grid slots, whatever its padding or how many tokens its state h
     grid chunk:   [ W from the state | chunk 0: state's P, then new tokens | chunk 1 | ... | (empty) ]
 
 A row whose state has consumed ``seen`` tokens puts its ``i``-th new token at slot ``seen % η + i`` of
-chunk 0 onwards; the slots before are the state's partial chunk. Padding never enters the grid.
+chunk 0 onwards; the slots before are the state's partial chunk. Padding never enters the grid. When every row
+takes all its tokens at the same phase (no padding, no packing: every prefill of ``generate``), queries are read
+chunk by chunk straight from ``q`` and ``φq`` and outputs written straight into ``o``; otherwise they go through a
+query grid laid out like the pairs.
 
 Work per chunk ``c`` (all rows and heads at once; the grid stores each pair as one row ``[k | v | 1 | φk]``):
 
 1. softmax logits of the chunk's queries against its window ``W ∪ P`` (grid chunks ``c`` and ``c+1``, which
    are adjacent rows in memory, so a strided view with no copy) and against the λ cached pairs;
 2. one max over both, numerators and denominators in one product each (the ``1`` column), and the
-   linear read-out ``φq·[H | s]`` under the spec's normalizer;
+   linear read-out ``φq·[H | s]`` under the spec's normalizer. With mix="lola" no mask is needed but the causal
+   one: empty slots are zero rows (logit 0 ≤ the max, which is clamped at 0, and a zero ``[v | 1]`` row), so they
+   add exactly nothing; no ``-inf`` ever reaches ``exp``, whose vectorized CPU kernel is several times slower
+   on underflowing inputs;
 3. boundary, for rows whose chunk is complete: :func:`select_and_fold` on ``G ∪ W``.
 """
 
