@@ -11,8 +11,9 @@ a fresh subprocess (so each configuration has its own peak RSS) builds the model
 
 - time to first token (TTFT): one forward over the prompt with ``use_cache=True, logits_to_keep=1`` and the argmax;
 - decode ms/token: the median of ``--decode-steps`` single-token steps through the cache, feeding the argmax;
-- peak RSS of the process, and of the prefill alone: the peak from the prompt to the first token (Linux ``VmHWM``,
-  reset just before the prompt) minus the RSS just before it.
+- peak RSS while serving (Linux ``VmHWM`` reset just before the prompt, read after decoding: weights, runtime,
+  prefill and cache; building the LoLA model holds the teacher too, which is left out), and of the prefill alone
+  (the peak from the prompt to the first token minus the RSS just before it).
 
 LoLA also runs with chunked prefill (:func:`fla_lola.prefill.chunked_prefill`, ``--chunk-size`` tokens per call)
 at lengths above the chunk size. Issue 11's targets are printed as met or MISSED with their figures; the memory
@@ -116,7 +117,7 @@ def measure(kind: str, T: int, chunk_size: int, decode_steps: int, threads: int,
         cache = getattr(out, OUTPUT_CACHE_FIELD, None) or out.past_key_values
     return dict(model=kind, T=T, chunk_size=chunk_size or None, ttft_s=ttft,
                 decode_ms=statistics.median(steps[1:] if len(steps) > 1 else steps) * 1e3,
-                peak_rss_mib=max(peak_build, peak_rss_bytes()) / 2**20,
+                peak_rss_mib=peak_rss_bytes() / 2**20, build_peak_rss_mib=peak_build / 2**20,
                 prefill_rss_mib=max(0, peak_prefill - rss_before) / 2**20, rss_before_prefill_mib=rss_before / 2**20,
                 prefill_peak_exact=reset, threads=threads)
 
