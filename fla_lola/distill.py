@@ -146,6 +146,10 @@ def attention_transfer(
         raise ValueError("use_accelerate=True needs the `accelerate` package")
     accelerator = Accelerator() if use_accelerate else None
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is not None and world != launched:
+        raise ValueError(f"{launched} processes were launched but accelerate runs {world} (no distributed backend: "
+                         "on CPU-only machines set ACCELERATE_USE_CPU=true to train with gloo)")
 
     layers = lola_layers(student)
     if not layers:
