@@ -9,6 +9,7 @@ import torch.nn as nn
 from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.modules import RotaryEmbedding
 from fla.modules.rotary.ops import rotate_half
+from transformers import initialization as init
 
 from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import LoLCATsFeatureMap
@@ -188,8 +189,8 @@ class LoLAAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Reset the mixing logits (fla's ``_init_weights`` calls this; projections are initialized as Linear)."""
-        with torch.no_grad():
-            self.window_factors.fill_(float(self.window_factor_init))
+        with torch.no_grad():   # guarded: leaves logits that `from_pretrained` loaded untouched
+            init.constant_(self.window_factors, float(self.window_factor_init))
 
     @property
     def gate(self) -> torch.Tensor:
