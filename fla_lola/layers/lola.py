@@ -9,7 +9,9 @@ import torch.nn as nn
 from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.modules import RotaryEmbedding
 from fla.modules.rotary.ops import rotate_half
+from transformers import initialization as init
 
+from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import LoLCATsFeatureMap
 from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init
 from fla_lola.ops import LoLAState, lola_attention
@@ -64,6 +66,44 @@ def check_lola_settings(
         raise ValueError(f"{context}: `selection` must be one of {SELECTIONS}, got {selection!r}")
     if backend not in BACKENDS:
         raise ValueError(f"{context}: `backend` must be one of {BACKENDS}, got {backend!r}")
+
+
+def refuse_continuation_without_state(q_len: int, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
+    """``ValueError`` if the call says that tokens came before it while the layer holds no state for them.
+
+    Signals: an ``attention_mask`` longer than the ``q_len`` new tokens with a real token in its earlier columns
+    (what ``generate`` passes at every decode step), a positive ``cache_position`` or ``seqlen_offset``, or
+    ``position_ids`` whose first real token of a row is past 0. Continuing would restart from an empty memory and
+    return wrong tokens without any error, so it is refused. Runs only when there is no state (no decode-step cost).
+    """
+
+    def refuse(name, first):
+        raise ValueError(
+            f"LoLAAttention: `{name}` says this call continues a sequence ({first} token(s) came before), but the "
+            "layer has no state for them: pass the cache that holds the earlier tokens as `past_key_values` (filled "
+            "with `use_cache=True`). Without it decoding would restart from an empty memory."
+        )
+
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] > q_len:
+        earlier = int(attention_mask[:, :-q_len].sum(-1).max())
+        if earlier > 0:
+            refuse('attention_mask', earlier)
+    for name in ('cache_position', 'seqlen_offset'):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.numel():
+            value = int(value.min())
+        if isinstance(value, int) and value > 0:
+            refuse(name, value)
+    position_ids = kwargs.get('position_ids')
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        position_ids = position_ids.reshape(-1, position_ids.shape[-1])
+        real = torch.ones_like(position_ids, dtype=torch.bool)
+        if attention_mask is not None and attention_mask.shape[-1] >= q_len:
+            real = attention_mask[:, -q_len:].bool().reshape(position_ids.shape)  # padding carries any position
+        first = position_ids.masked_fill(~real, torch.iinfo(position_ids.dtype).max).min(-1).values
+        first = first[real.any(-1)]
+        if first.numel() and int(first.max()) > 0:
+            refuse('position_ids', int(first.max()))
 
 
 class LoLAAttention(nn.Module):
@@ -163,8 +203,8 @@ class LoLAAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Reset the mixing logits (fla's ``_init_weights`` calls this; projections are initialized as Linear)."""
-        with torch.no_grad():
-            self.window_factors.fill_(float(self.window_factor_init))
+        with torch.no_grad():   # guarded: leaves logits that `from_pretrained` loaded untouched
+            init.constant_(self.window_factors, float(self.window_factor_init))
 
     @property
     def gate(self) -> torch.Tensor:
@@ -193,19 +233,21 @@ class LoLAAttention(nn.Module):
         Returns ``(o, None, past_key_values)`` with ``o`` ``[B, T, hidden_size]``.
         """
         batch_size, q_len, _ = hidden_states.shape
+        refuse_stray_cache(kwargs, where='LoLAAttention', reads='`past_key_values`')
+        last_state = get_layer_cache(self, past_key_values)
+        state = last_state['recurrent_state'] if last_state is not None else None
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("LoLAAttention: `attention_mask` must be a [batch_size, seq_len] 0/1 padding mask, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        if state is None:
+            refuse_continuation_without_state(q_len, attention_mask, kwargs)
         if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("LoLAAttention: `attention_mask` must be a [batch_size, seq_len] 0/1 padding mask, "
-                                 f"got shape {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -q_len:]
             if bool(attention_mask.all()):
                 attention_mask = None
         cu_seqlens = kwargs.get('cu_seqlens')
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("LoLAAttention: pass either `cu_seqlens` or a padding `attention_mask`, not both")
-
-        last_state = get_layer_cache(self, past_key_values)
-        state = last_state['recurrent_state'] if last_state is not None else None
 
         q = self.q_proj(hidden_states).view(batch_size, q_len, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch_size, q_len, self.num_kv_heads, self.head_dim)
@@ -322,4 +364,4 @@ class LoLAAttention(nn.Module):
                 f"mix={self.mix!r}, selection={self.selection!r}, backend={self.backend!r}")
 
 
-__all__ = ['LoLAAttention', 'check_lola_settings', 'MIXES', 'SELECTIONS', 'BACKENDS']
+__all__ = ['LoLAAttention', 'check_lola_settings', 'refuse_continuation_without_state', 'MIXES', 'SELECTIONS', 'BACKENDS']

@@ -28,7 +28,7 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
         window_size (int): η ≥ 1, LoLA's window and chunk size.
         cache_size (int): λ ≥ 0, the sparse cache capacity (0 gives LoLCATs' window + linear attention).
         feature_dim (int): ``f`` of the LoLCATs feature map (``F = 2f`` features).
-        mix (str): ``"lola"`` (default) or ``"lolcats"``, the normalizer (see ``LOLA_SPEC.md``).
+        mix (str): ``"lola"`` (default) or ``"lolcats"``, the normalizer (see ``docs/SPEC.md``).
         selection (str): cache selection score: ``"sre"`` (default, self-recall error), or for ablations
             ``"recency"``, ``"value_norm"``, ``"random"``.
         attn_backend (str): the op backend: ``"auto"`` (default), ``"naive"``, ``"torch"``, ``"triton"``.
