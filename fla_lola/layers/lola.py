@@ -13,7 +13,7 @@ from transformers import initialization as init
 
 from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import LoLCATsFeatureMap
-from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init
+from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init, rope_type_of
 from fla_lola.ops import LoLAState, lola_attention
 
 if TYPE_CHECKING:
@@ -189,9 +189,9 @@ class LoLAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        if rope_parameters is None:
-            self.rotary = RotaryEmbedding(dim=head_dim, base=rope_theta)
-        else:  # a converted teacher's RoPE: transformers' tables, served through fla's rotary module
+        if rope_type_of(rope_parameters) == 'default':  # plain RoPE: fla's own tables (transformers' equal them)
+            self.rotary = RotaryEmbedding(dim=head_dim, base=(rope_parameters or {}).get('rope_theta', rope_theta))
+        else:  # a converted teacher's scaled RoPE: transformers' tables, served through fla's rotary module
             self.rotary = ScaledRotaryEmbedding(*rope_init(rope_parameters, head_dim, rope_theta,
                                                            max_position_embeddings))
         if qk_norm:  # Qwen3: RMSNorm over each head of q and k, before RoPE
