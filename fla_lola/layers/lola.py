@@ -9,9 +9,11 @@ import torch.nn as nn
 from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.modules import RotaryEmbedding
 from fla.modules.rotary.ops import rotate_half
+from transformers import initialization as init
 
 from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import LoLCATsFeatureMap
+from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init, rope_type_of
 from fla_lola.ops import LoLAState, lola_attention
 
 if TYPE_CHECKING:
@@ -142,6 +144,9 @@ class LoLAAttention(nn.Module):
         selection: str = 'sre',
         rope_theta: float = 10000.,
         max_position_embeddings: int | None = None,
+        rope_parameters: dict | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
         window_factor_init: float = DEFAULT_WINDOW_FACTOR_INIT,
         backend: str = 'auto',
         layer_idx: int | None = None,
@@ -159,6 +164,7 @@ class LoLAAttention(nn.Module):
                             selection=selection, backend=backend, context='LoLAAttention')
         if head_dim % 2 != 0:
             raise ValueError(f"LoLAAttention: `head_dim` must be even for rotary embeddings, got {head_dim}")
+        check_rope_parameters(rope_parameters, context='LoLAAttention')
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -173,6 +179,8 @@ class LoLAAttention(nn.Module):
         self.selection = selection
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = rope_parameters
+        self.qk_norm = qk_norm
         self.window_factor_init = window_factor_init
         self.backend = backend
         self.layer_idx = layer_idx
@@ -181,15 +189,22 @@ class LoLAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(dim=head_dim, base=rope_theta)
+        if rope_type_of(rope_parameters) == 'default':  # plain RoPE: fla's own tables (transformers' equal them)
+            self.rotary = RotaryEmbedding(dim=head_dim, base=(rope_parameters or {}).get('rope_theta', rope_theta))
+        else:  # a converted teacher's scaled RoPE: transformers' tables, served through fla's rotary module
+            self.rotary = ScaledRotaryEmbedding(*rope_init(rope_parameters, head_dim, rope_theta,
+                                                           max_position_embeddings))
+        if qk_norm:  # Qwen3: RMSNorm over each head of q and k, before RoPE
+            self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         self.feature_map_q = LoLCATsFeatureMap(num_heads, head_dim, feature_dim)
         self.feature_map_k = LoLCATsFeatureMap(num_heads, head_dim, feature_dim)
         self.window_factors = nn.Parameter(torch.full((num_heads,), float(window_factor_init)))
 
     def reset_parameters(self) -> None:
         """Reset the mixing logits (fla's ``_init_weights`` calls this; projections are initialized as Linear)."""
-        with torch.no_grad():
-            self.window_factors.fill_(float(self.window_factor_init))
+        with torch.no_grad():   # guarded: leaves logits that `from_pretrained` loaded untouched
+            init.constant_(self.window_factors, float(self.window_factor_init))
 
     @property
     def gate(self) -> torch.Tensor:
@@ -306,9 +321,13 @@ class LoLAAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[B, T, H, D]`` and ``k`` ``[B, T, Hkv, D]`` at :meth:`positions`.
 
+        With ``qk_norm`` (Qwen3) each head of ``q`` and ``k`` is first RMS-normalized (``q_norm``, ``k_norm``).
         On accelerators this calls fla's Triton rotary kernel with per-row offsets (``seen`` minus the row's
-        leading padding); on CPU it applies the same tables with fla's reference formula, in float32.
+        leading padding); on CPU it applies the same cos/sin tables (``self.rotary``'s: a converted teacher's
+        scaled RoPE included) with fla's reference formula, in float32 or ``q``'s dtype if wider.
         """
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         batch_size, q_len = q.shape[:2]
         pos = self.positions(batch_size, q_len, q.device, state, attention_mask, cu_seqlens)
         max_seqlen = int(pos.max()) + 1 if pos.numel() else 1
@@ -329,13 +348,14 @@ class LoLAAttention(nn.Module):
             return self.rotary(q, k, seqlen_offset=offsets, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
 
         self.rotary._update_cos_sin_cache(max_seqlen, device=q.device, dtype=q.dtype)
-        cos = self.rotary._cos_cached[pos].float()   # [B, T, D/2]
-        sin = self.rotary._sin_cached[pos].float()
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        cos = self.rotary._cos_cached[pos].to(dtype)   # [B, T, D/2]
+        sin = self.rotary._sin_cached[pos].to(dtype)
         cos = torch.cat([cos, cos], dim=-1)[:, :, None]
         sin = torch.cat([sin, sin], dim=-1)[:, :, None]
 
         def rotate(x):
-            xf = x.float()
+            xf = x.to(dtype)
             return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
         return rotate(q), rotate(k)
