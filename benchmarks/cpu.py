@@ -122,12 +122,20 @@ def main(argv=None):
     if args.smoke:
         args.lengths, args.sdpa_max_len, args.mem_max_len = [128, 256], 256, 256
         args.repeats, args.decode_repeats, args.window_size, args.cache_size = 1, 3, 16, 16
+    threads = torch.get_num_threads()
+    try:  # the caller's thread count and grad mode come back afterwards (the smoke test runs this in process)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        with torch.no_grad():
+            return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args):
     H, D, Fd, eta, lam = args.heads, args.head_dim, args.feature_dim, args.window_size, args.cache_size
-    if args.threads:
-        torch.set_num_threads(args.threads)
     dtype = torch.float32
     rows = []
-    torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H={H} D=Dv={D} F={Fd} η={eta} λ={lam}; "
           f"medians of {args.repeats} interleaved rounds")
     from tqdm import tqdm

@@ -86,11 +86,21 @@ def build(kind: str, dims: dict, max_len: int, window: int, cache: int):
 def measure(kind: str, T: int, chunk_size: int, decode_steps: int, threads: int, smoke: bool) -> dict:
     """One configuration, in this process: TTFT, decode ms/token, peak RSS."""
     import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:  # the caller's thread count comes back afterwards (--smoke runs this in process)
+        with torch.no_grad():
+            return _measure(kind, T, chunk_size, decode_steps, threads, smoke)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(kind: str, T: int, chunk_size: int, decode_steps: int, threads: int, smoke: bool) -> dict:
+    import torch
     from fla_lola.cache_names import OUTPUT_CACHE_FIELD
     from fla_lola.prefill import chunked_prefill
 
-    torch.set_num_threads(threads)
-    torch.set_grad_enabled(False)
     dims = SMOKE if smoke else FULL
     window, cache_size = (8, 8) if smoke else (WINDOW, CACHE)
     model = build(kind, dims, T + decode_steps + 8, window, cache_size)

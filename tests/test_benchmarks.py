@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / 'benchmarks'
 
@@ -20,8 +21,10 @@ def load(name):
 
 @pytest.mark.parametrize('name', ['cpu', 'model'])
 def test_benchmark_smoke_run_writes_json_png_and_every_target(name, tmp_path):
+    threads = torch.get_num_threads()
     result = load(name).main(['--smoke', '--threads', '1', '--json', str(tmp_path / 'r.json'),
                               '--png', str(tmp_path / 'r.png')])
+    assert torch.is_grad_enabled() and torch.get_num_threads() == threads  # no global state left behind
     saved = json.loads((tmp_path / 'r.json').read_text())
     assert (tmp_path / 'r.png').stat().st_size > 0
     assert saved['config']['smoke'] and saved['targets'] == json.loads(json.dumps(result['targets']))

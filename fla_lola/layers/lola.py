@@ -123,7 +123,9 @@ class LoLAAttention(nn.Module):
     Recurrent state: a :class:`fla_lola.LoLAState` stored as the layer's ``recurrent_state`` in fla's ``Cache``
     (every tensor batch-first, so beam search reorders it). Its ``seen`` counter (real tokens per row) gives the
     rotary position of the next token, so a left-padded row gets the same positions, outputs and state as the
-    row alone: positions count from each row's first real token.
+    row alone: positions count from each row's first real token. Without autograd the layer updates that state
+    in place (``lola_attention(..., inplace_state=True)``: checked first, so a call that raises changes nothing);
+    to branch a generation, ``copy.deepcopy`` the cache.
 
     Padding: ``attention_mask`` ``[B, T_total]`` (1 = token, 0 = padding; left or right padding) is passed to the
     op, which keeps padding out of every memory and returns zeros there. Packed sequences: ``cu_seqlens``
