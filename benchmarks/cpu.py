@@ -186,7 +186,8 @@ def run(args):
         r = rows[-1]
         sdpa_txt = '—' if r['sdpa_tok_s'] is None else f"{r['sdpa_tok_s']:.0f}"
         mem_txt = '—' if mem is None else f"{mem / T:.0f} B/token ({mem / in_bytes:.2f}× inputs)"
-        tqdm.write(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), SDPA {sdpa_txt} tok/s; "
+        tqdm.write(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), "
+                   f"SDPA {sdpa_txt} tok/s; "
                    f"decode {r['lola_decode_ms']:.3f} ms vs SDPA {r['sdpa_decode_ms']:.3f} ms; peak prefill memory "
                    f"{mem_txt}; state {r['state_bytes'] / 2**20:.2f} MiB vs KV {kv_bytes / 2**20:.1f} MiB")
 

@@ -136,7 +136,8 @@ def run_config(kind, T, chunk_size, args) -> dict:
     if args.in_process:
         return measure(kind, T, chunk_size, args.decode_steps, args.threads, args.smoke)
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind, str(T), str(chunk_size or 0),
-           '--decode-steps', str(args.decode_steps), '--threads', str(args.threads)] + (['--smoke'] if args.smoke else [])
+           '--decode-steps', str(args.decode_steps), '--threads', str(args.threads)]
+    cmd += ['--smoke'] if args.smoke else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -187,7 +188,8 @@ def main(argv=None):
     for T in args.lengths:
         t, s, c = get('teacher', T), get('lola', T), get('lola', T, True)
         cf = (lambda key, fmt: '—' if c is None else format(c[key], fmt))
-        print(f"| {T} | {t['ttft_s']:.3f} | {s['ttft_s']:.3f} | {t['ttft_s'] / s['ttft_s']:.1f}× | {cf('ttft_s', '.3f')} | "
+        print(f"| {T} | {t['ttft_s']:.3f} | {s['ttft_s']:.3f} | {t['ttft_s'] / s['ttft_s']:.1f}× | "
+              f"{cf('ttft_s', '.3f')} | "
               f"{t['decode_ms']:.2f} | {s['decode_ms']:.2f} | {t['decode_ms'] / s['decode_ms']:.1f}× | "
               f"{t['prefill_rss_mib']:.0f} | {s['prefill_rss_mib']:.0f} | {cf('prefill_rss_mib', '.0f')} | "
               f"{t['peak_rss_mib']:.0f} / {s['peak_rss_mib']:.0f} / {cf('peak_rss_mib', '.0f')} |")
@@ -201,7 +203,8 @@ def main(argv=None):
     dev = max(abs(d / med - 1) for d in decs)
     checks.append((f'LoLA decode ms/token flat within ±15 % of the median, T={args.lengths[0]}..{longest} '
                    '(largest deviation)', 100 * dev, '%', dev <= 0.15))
-    checks.append((f'LoLA decode ≥ 10× faster than the teacher at T={longest}', t['decode_ms'] / s['decode_ms'], '×',
+    checks.append((f'LoLA decode ≥ 10× faster than the teacher at T={longest}', t['decode_ms'] / s['decode_ms'],
+                   '×',
                    t['decode_ms'] / s['decode_ms'] >= 10))
     if c is not None:
         ratio = c['prefill_rss_mib'] / max(t['prefill_rss_mib'], 1e-9)

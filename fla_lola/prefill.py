@@ -38,8 +38,8 @@ def chunked_prefill(model, input_ids: torch.LongTensor, chunk_size: int, attenti
                          f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or attention_mask.shape != input_ids.shape):
-        raise ValueError(f"`attention_mask`: expected the shape of `input_ids` {tuple(input_ids.shape)}, got "
-                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask}")
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+        raise ValueError(f"`attention_mask`: expected the shape of `input_ids` {tuple(input_ids.shape)}, got {got}")
     T = input_ids.shape[1]
     starts = range(0, T, chunk_size)
     if progress:
