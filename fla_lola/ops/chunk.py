@@ -135,6 +135,9 @@ def chunk_lola_attention(
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
     gamma = gate.to(acc).repeat(N)[:, None, None]                                    # [M, 1, 1]
     row_end = end.repeat_interleave(H)                                               # [M]
+    # which rows update at the boundary after each chunk (complete chunk, W exists), decided once for all chunks
+    updates = (row_end[:, None] >= torch.arange(1, C + 1, device=dev)[None] * eta) & kval[:, :C, 0]  # [M, C]
+    update_any, update_all = updates.any(0).tolist(), updates.all(0).tolist()
     # a query at slot i of its chunk sees all of W and slots 0..i of its own chunk
     hidden = ~torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
                          torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)   # [η, 2η]
@@ -203,15 +206,15 @@ def chunk_lola_attention(
             emit(t0, t1, out[..., :-1] / torch.where(den > 0, den, torch.ones_like(den)))
 
         # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
-        update = (row_end >= (c + 1) * eta) & kval[:, c, 0]
-        if not bool(update.any()):
+        if not update_any[c]:
             continue
         new_hs, new_cache, new_pos = select_and_fold(
             selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1, out=cand_buf),
             torch.cat([cpos, kpos[:, c]], 1), heads, D)
-        if bool(update.all()):
+        if update_all[c]:
             hs, cache, cpos = new_hs, new_cache, new_pos
         else:
+            update = updates[:, c]
             u = update[:, None, None]
             hs, cache = torch.where(u, new_hs, hs), torch.where(u, new_cache, cache)
             cpos = torch.where(update[:, None], new_pos, cpos)
