@@ -51,9 +51,10 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """IEEE products for fp32/fp64 inputs (the reference's precision); TF32 next to bf16/fp16 inputs."""
-    return 'ieee' if dtype in (torch.float32, torch.float64) else 'tf32'
+# Precision: every ``tl.dot`` of these kernels asks for ``input_precision="ieee"``. Dots over float32 operands
+# (the memory H, s, the self-recall score, fp32 inputs) are then IEEE float32, never TF32 (Triton's default,
+# whose 10-bit mantissa reorders near-tied selection scores); dots over bf16/fp16 operands (q·k and P·V of
+# low-precision inputs) are native bf16/fp16 MMAs with float32 accumulation, which the flag does not change.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def lola_fwd_kernel_select(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-    EPS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STORE_FINAL: tl.constexpr,
+    EPS: tl.constexpr, ACC: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -158,15 +159,15 @@ def lola_fwd_kernel_select(
             valid_w = o_t < ETA
             b_vw = load_grid(v, wv, w_slot, valid_w, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v).to(ACC)
             b_fw = load_grid(fk, wfk, w_slot, valid_w, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f).to(ACC)
-            score_c = sre_score(b_vc, b_fc, b_h, b_s, valid_c, EPS, PREC)
-            score_w = sre_score(b_vw, b_fw, b_h, b_s, valid_w, EPS, PREC)
+            score_c = sre_score(b_vc, b_fc, b_h, b_s, valid_c, EPS)
+            score_w = sre_score(b_vw, b_fw, b_h, b_s, valid_w, EPS)
             keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
             fold_c = (valid_c & ~keep_c).to(ACC)
             fold_w = (valid_w & ~keep_w).to(ACC)
             b_fc = b_fc * fold_c[:, None]
             b_fw = b_fw * fold_w[:, None]
-            b_h += tl.dot(tl.trans(b_fc), b_vc, input_precision=PREC)
-            b_h += tl.dot(tl.trans(b_fw), b_vw, input_precision=PREC)
+            b_h += tl.dot(tl.trans(b_fc), b_vc, input_precision="ieee")
+            b_h += tl.dot(tl.trans(b_fw), b_vw, input_precision="ieee")
             b_s += tl.sum(b_fc, 0) + tl.sum(b_fw, 0)
             b_ref = place(b_ref, keep_c, slot_c, (LAM + w_slot).to(tl.int32), keep_w, slot_w, BL).to(tl.int32)
 
@@ -211,15 +212,15 @@ def lola_fwd_kernel_select(
 # ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale, PREC: tl.constexpr):
+def attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale):
     """One FlashAttention step: logits of a key block, running max, rescaled numerator and denominator."""
-    b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    b_a = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * scale
     b_a = tl.where(mask, b_a, float('-inf'))
     b_m_new = tl.maximum(b_m, tl.max(b_a, 1))
     alpha = tl.exp(b_m - b_m_new)
     b_p = tl.exp(b_a - b_m_new[:, None])
     b_l = b_l * alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
     return b_m_new, b_l, b_acc
 
 
@@ -236,7 +237,7 @@ def lola_fwd_kernel_o(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BLK: tl.constexpr,
-    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr,
 ):
     i_tg, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_tg * 2).to(tl.int32)
@@ -273,7 +274,7 @@ def lola_fwd_kernel_o(
         ref = tl.load(cidx + (i_tg * H + i_h) * LAMP + o_lk, mask=o_lk < LAM, other=-1)
         b_k = load_refs(k, wk, ck, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, o_d, m_d)
         b_v = load_refs(v, wv, cv, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, o_v, m_v)
-        b_m, b_l, b_acc = attend(b_q, b_k, b_v, (ref >= 0)[None, :], b_m, b_l, b_acc, scale, PREC)
+        b_m, b_l, b_acc = attend(b_q, b_k, b_v, (ref >= 0)[None, :], b_m, b_l, b_acc, scale)
     # previous chunk W, then the current chunk, causally
     for i_w in tl.static_range(2):
         k_slot = (i_c + i_w) * ETA + o_t
@@ -281,13 +282,13 @@ def lola_fwd_kernel_o(
         b_k = load_grid(k, wk, k_slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_d, m_d)
         b_v = load_grid(v, wv, k_slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v)
         mask = valid[None, :] & ((i_w == 0) | (k_slot[None, :] <= q_slot[:, None]))
-        b_m, b_l, b_acc = attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale, PREC)
+        b_m, b_l, b_acc = attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale)
 
     # linear read-out of the chunk's snapshot
     b_h = tl.load(hs + ((i_tg * H + i_h) * F + o_f[:, None]) * DV + o_v[None, :],
                   mask=m_f[:, None] & m_v[None, :], other=0.).to(ACC)
     b_s = tl.load(ss + (i_tg * H + i_h) * F + o_f, mask=m_f, other=0.).to(ACC)
-    lin_num = tl.dot(b_fq, b_h, input_precision=PREC)
+    lin_num = tl.dot(b_fq, b_h, input_precision="ieee")
     lin_den = tl.sum(b_fq * b_s[None, :], 1)
     gamma = tl.load(gate + i_h).to(ACC)
     if MIX_LOLA:
@@ -378,7 +379,7 @@ def chunk_lola_fwd(
     final = alloc_state_like(state) if output_final_state else None
     f = vars(final) if final is not None else {}
     consts = dict(H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, LAMP=lamp, BD=block(D), BV=block(Dv),
-                  BF=block(F), BT=block(eta), EPS=EPS, PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype))
+                  BF=block(F), BT=block(eta), EPS=EPS, ACC=tl_acc(q.dtype))
 
     if N * H > 0:
         lola_fwd_kernel_select[(N * H,)](
