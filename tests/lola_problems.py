@@ -109,3 +109,18 @@ def assert_states_equal(a: LoLAState, b: LoLAState, atol=1e-10, rtol=1e-10):
         x, y = getattr(a, name), getattr(b, name)
         assert x.shape == y.shape and x.dtype == y.dtype, name
         torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f'{name}: {m}')
+
+
+def assert_canonical(state: LoLAState):
+    """The cache layout every backend must produce (independent of ``check_state``): valid slots first, in strictly
+    ascending position below ``seen``; empty slots hold position -1 and zeros."""
+    pos = state.cache_pos
+    valid = pos >= 0
+    n = valid.sum(-1, keepdim=True)
+    slot = torch.arange(pos.shape[-1])
+    assert torch.equal(valid, slot < n), pos                        # valid prefix
+    assert ((pos[..., 1:] > pos[..., :-1]) | ~valid[..., 1:]).all(), pos
+    assert (pos[valid] < state.seen[:, None, None].expand_as(pos)[valid]).all(), (pos, state.seen)
+    assert (pos[~valid] == -1).all(), pos
+    for name in ('cache_k', 'cache_v', 'cache_fk'):
+        assert (getattr(state, name)[~valid] == 0).all(), name
