@@ -219,19 +219,19 @@ def check_canonical_cache(state: LoLAState) -> None:
     valid = pos >= 0
     empty = ~valid[..., None]
     problems = torch.stack([
+        (state.seen < 0).any(),
         (valid[..., 1:] & ~valid[..., :-1]).any(),                    # a valid slot after an empty one
         (valid[..., 1:] & (pos[..., 1:] <= pos[..., :-1])).any(),     # positions not strictly ascending
         (pos < -1).any() | (pos >= state.seen[:, None, None]).any(),  # not -1 nor a consumed position
-        (state.seen < 0).any(),
         (empty & (state.cache_k != 0)).any(),
         (empty & (state.cache_v != 0)).any(),
         (empty & (state.cache_fk != 0)).any(),
     ]).tolist()
     messages = [
+        ('seen', "token counts must be non-negative"),
         ('cache_pos', "valid slots (position >= 0) must come first, then the empty ones (-1)"),
         ('cache_pos', "valid slots must hold strictly ascending positions"),
         ('cache_pos', "entries must be -1 (empty) or a position below the row's `seen`"),
-        ('seen', "token counts must be non-negative"),
         ('cache_k', "empty cache slots (cache_pos == -1) must be zero"),
         ('cache_v', "empty cache slots (cache_pos == -1) must be zero"),
         ('cache_fk', "empty cache slots (cache_pos == -1) must be zero"),
