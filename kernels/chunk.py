@@ -25,7 +25,11 @@ cost no copy. A cache entry is a reference ``r``: ``r < λ`` is slot ``r`` of th
 cached pairs are never copied either, and keys and values of a GQA group are read from their shared
 key head (``h // (H / Hkv)``) instead of being repeated.
 
-Memory: per chunk a snapshot of ``H`` (F×Dv, accumulation dtype) like fla's ``h``, and λ int32 references.
+Memory: per chunk a snapshot of ``H`` and ``s`` (F×(Dv+1), accumulation dtype) like fla's ``h``, and λ int32
+references: ``4·H·(F·(Dv+1) + λ) / η`` bytes per token (33 KB at H = 32, F = Dv = 128, η = λ = 64; 2.1 GB at 64K).
+:func:`chunk_lola_fwd` bounds it: a prefill whose snapshots would exceed :data:`SNAPSHOT_BUDGET` bytes runs as
+consecutive segments of whole chunks along T, each continuing the previous one's state (exact: the streaming
+split is invariant), so a prefill of any length allocates at most ``SNAPSHOT_BUDGET`` of snapshots.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
 NUM_WARPS = [4, 8]
+# bytes of per-chunk snapshots one prefill launch may allocate (longer prefills run in segments)
+SNAPSHOT_BUDGET = 256 * 2**20
 
 
 def block(n: int) -> int:
@@ -307,22 +313,33 @@ def lola_fwd_kernel_o(
 # host side
 # ---------------------------------------------------------------------------------------------------
 
-def row_layout(B: int, T: int, attention_mask, cu_seqlens, device):
-    """``(first, lengths)``: each row's first token as a flat index into ``[B*T]``, and its token count.
+def row_layout(B: int, T: int, attention_mask, cu_seqlens, device, start: int = 0, stop: int | None = None):
+    """``(first, lengths)``: each row's first token in columns ``[start, stop)`` as a flat index into ``[B*T]``,
+    and its token count there.
 
     Rows are batch rows, or packed sequences with ``cu_seqlens``; a padded row is one contiguous block
     (left or right padding, as :func:`fla_lola.ops.utils.check_inputs` enforces), so it starts after its
-    leading zeros.
+    leading zeros, in any range of columns too.
     """
+    stop = T if stop is None else stop
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        cu = cu_seqlens.to(device=device, dtype=torch.long).clamp(start, stop)
         return cu[:-1], cu[1:] - cu[:-1]
-    rows = torch.arange(B, device=device, dtype=torch.long) * T
+    rows = torch.arange(B, device=device, dtype=torch.long) * T + start
     if attention_mask is None:
-        return rows, torch.full((B,), T, dtype=torch.long, device=device)
-    valid = (attention_mask != 0).long()
+        return rows, torch.full((B,), stop - start, dtype=torch.long, device=device)
+    valid = (attention_mask[:, start:stop] != 0).long()
     leading = (valid.cumsum(1) == 0).sum(1)
     return rows + leading, valid.sum(1)
+
+
+def segment_length(N: int, H: int, F: int, Dv: int, eta: int, lam: int, acc_bytes: int,
+                   budget: int | None = None) -> int:
+    """Tokens per row one prefill launch takes so its snapshots fit ``budget`` (whole chunks, at least one)."""
+    budget = SNAPSHOT_BUDGET if budget is None else budget
+    per_chunk = H * (F * (Dv + 1) * acc_bytes + max(lam, 1) * 4)
+    # a row's S tokens start mid-chunk at worst: S / η + 1 chunks
+    return eta * max(1, budget // max(1, N * per_chunk) - 1)
 
 
 def empty_state_like(q, k, v, fq, N, window_size, cache_size):
@@ -350,14 +367,36 @@ def chunk_lola_fwd(
     initial_state: LoLAState | None,
     output_final_state: bool,
 ) -> tuple[torch.Tensor, LoLAState | None]:
-    """Prefill of any length; shapes as in :func:`fla_lola.lola_attention`, tensors contiguous."""
+    """Prefill of any length; shapes as in :func:`fla_lola.lola_attention`, tensors contiguous.
+
+    Runs in segments of :func:`segment_length` tokens along T when the snapshots of one launch would exceed
+    :data:`SNAPSHOT_BUDGET`, each segment continuing the state of the one before.
+    """
+    B, T, H, D = q.shape
+    Dv, F = v.shape[3], fq.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    acc_bytes = torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size()
+    step = segment_length(N, H, F, Dv, window_size, cache_size, acc_bytes)
+    o = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=q.device)   # padding positions stay zero
+    state, final = initial_state, None
+    for start in range(0, max(T, 1), step):
+        stop = min(T, start + step)
+        first, lengths = row_layout(B, T, attention_mask, cu_seqlens, q.device, start, stop)
+        last = stop == T
+        final = chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale,
+                                       mix, state, output_final_state or not last)
+        state = final
+    return o, final
+
+
+def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale, mix,
+                           initial_state, output_final_state):
+    """One launch of both kernels for the rows' tokens ``first[r] ..< first[r] + lengths[r]``; writes ``o`` there."""
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
     eta, lam = window_size, cache_size
     dev = q.device
     acc = accumulation_dtype(q.dtype)
-
-    first, lengths = row_layout(B, T, attention_mask, cu_seqlens, dev)
     N = lengths.shape[0]
     state = initial_state if initial_state is not None else empty_state_like(q, k, v, fq, N, eta, lam)
     state = LoLAState(**{name: x.contiguous() for name, x in vars(state).items()})
@@ -375,7 +414,6 @@ def chunk_lola_fwd(
     hs = torch.empty(NT, H, F, Dv, dtype=acc, device=dev)
     ss = torch.empty(NT, H, F, dtype=acc, device=dev)
     cidx = torch.empty(NT, H, lamp, dtype=torch.int32, device=dev)
-    o = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=dev)   # padding positions stay zero
     final = alloc_state_like(state) if output_final_state else None
     f = vars(final) if final is not None else {}
     consts = dict(H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, LAMP=lamp, BD=block(D), BV=block(Dv),
@@ -403,4 +441,4 @@ def chunk_lola_fwd(
         )
     if final is not None:
         final.seen = seen + lengths
-    return o, final
+    return final
