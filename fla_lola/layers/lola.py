@@ -154,8 +154,10 @@ class LoLAAttention(nn.Module):
 
     @property
     def gate(self) -> torch.Tensor:
-        """``γ = sigmoid(window_factors)``, ``[num_heads]``, computed in float32 so bf16 logits never round to 1."""
-        return torch.sigmoid(self.window_factors.float())
+        """``γ = sigmoid(window_factors)``, ``[num_heads]``, in float32 at least (bf16 logits never round to 1), in
+        float64 for a float64 layer."""
+        w = self.window_factors
+        return torch.sigmoid(w.to(torch.promote_types(w.dtype, torch.float32)))
 
     def empty_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> LoLAState:
         """A state that has seen no token, for ``batch_size`` rows."""
