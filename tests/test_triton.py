@@ -441,4 +441,6 @@ def test_gpu_benchmark_smoke_mode_writes_valid_json(tmp_path):
     for r in result['rows']:
         assert r['ms'] > 0 and r['T'] > 0, r
     assert all({'name', 'value', 'met'} <= set(t) for t in result['targets'])
+    assert [m['cache_size'] for m in result['memory']] == result['config']['cache_sizes']
+    assert all(m['state_bytes'] > 0 and m['snapshot_bytes_per_token'] > 0 for m in result['memory'])
     assert png.stat().st_size > 0
