@@ -30,7 +30,7 @@ def count_host_syncs(exclude=()):
     def counting(name, method):
         def wrapper(self, *args, **kwargs):
             if not paused[0]:
-                frame = traceback.extract_stack(limit=3)[0]
+                frame = traceback.extract_stack(limit=2)[0]   # the caller
                 calls[(name, f'{Path(frame.filename).name}:{frame.lineno}')] += 1
             return method(self, *args, **kwargs)
         return wrapper

@@ -61,8 +61,10 @@ def lola_attention(
         output_final_state (bool): whether to return the state after this call.
         backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
             ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
-        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range). Shapes are
-            always checked; a decode loop over trusted inputs may turn this off.
+        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range) and the canonical
+            cache layout of ``initial_state``; these checks read values back to the host (a GPU sync). Shapes are
+            always checked; a decode loop over trusted inputs may turn this off (:class:`LoLAAttention` validates
+            a sequence's first call and runs its single-token continuations without).
 
     Returns:
         o (torch.Tensor): ``[B, T, H, Dv]`` in the dtype of ``q``, zero at padding.
