@@ -1,4 +1,4 @@
-"""Properties of the LoLA op (LOLA_SPEC.md), each checked against the naive reference or a closed form."""
+"""Properties of the LoLA op (docs/SPEC.md), each checked against the naive reference or a closed form."""
 
 from __future__ import annotations
 

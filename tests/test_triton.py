@@ -1,4 +1,4 @@
-"""The Triton backend computes the reference (LOLA_SPEC.md): every property checked against the naive loop in float64.
+"""The Triton backend computes the reference (docs/SPEC.md): every property checked against the naive loop in float64.
 
 Runs on CUDA tensors when a GPU is present, else on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), and is
 skipped otherwise. The interpreter runs each program of a launch as Python, so its cost grows with the number of

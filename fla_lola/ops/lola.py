@@ -36,7 +36,7 @@ def lola_attention(
 ) -> tuple[torch.Tensor, LoLAState | None]:
     r"""LoLA attention: sliding window + sparse cache (exact softmax) + linear memory, one normalizer.
 
-    Computes exactly what ``LOLA_SPEC.md`` defines, for every backend.
+    Computes exactly what ``docs/SPEC.md`` defines, for every backend.
 
     Args:
         q (torch.Tensor): queries of shape ``[B, T, H, D]``.
