@@ -14,7 +14,7 @@ LOCK ?= requirements/lock-cpu.txt
 EXTRAS ?= test,examples
 PYTEST := HYPOTHESIS_PROFILE=ci python -m pytest -p no:cacheprovider
 # the tests that exercise transformers and fla (models, generate, registry, conversion, packaging)
-COMPAT_TESTS ?= tests/test_models.py tests/test_packaging.py
+COMPAT_TESTS ?= tests/test_models.py tests/test_convert.py tests/test_cli.py tests/test_packaging.py
 # packages the compatibility environments leave free of the lock (everything else stays as tested)
 FREE := transformers|flash-linear-attention|fla-core|tokenizers|huggingface-hub|huggingface_hub|safetensors
 

@@ -13,13 +13,14 @@ import triton.language as tl
 
 
 @triton.jit
-def sre_score(b_v, b_f, b_h, b_s, valid, EPS: tl.constexpr, PREC: tl.constexpr):
+def sre_score(b_v, b_f, b_h, b_s, valid, EPS: tl.constexpr):
     """``‖v − Hᵀφk / (sᵀφk + ε)‖₂`` per row; ``-inf`` where ``valid`` is false.
 
     b_v: [BC, BV] values, b_f: [BC, BF] key features, b_h: [BF, BV], b_s: [BF], all in the accumulation
-    dtype; padded columns hold zeros so they add nothing to the norm.
+    dtype; padded columns hold zeros so they add nothing to the norm. The recall product is IEEE float32
+    (never TF32): a score that loses the low mantissa bits reorders near-tied candidates.
     """
-    recall = tl.dot(b_f, b_h, input_precision=PREC)                      # [BC, BV]
+    recall = tl.dot(b_f, b_h, input_precision="ieee")                     # [BC, BV]
     z = tl.sum(b_f * b_s[None, :], 1) + EPS                              # [BC]
     err = b_v - recall / z[:, None]
     score = tl.sqrt(tl.sum(err * err, 1))

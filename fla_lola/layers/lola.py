@@ -210,8 +210,10 @@ class LoLAAttention(nn.Module):
 
     @property
     def gate(self) -> torch.Tensor:
-        """``γ = sigmoid(window_factors)``, ``[num_heads]``, computed in float32 so bf16 logits never round to 1."""
-        return torch.sigmoid(self.window_factors.float())
+        """``γ = sigmoid(window_factors)``, ``[num_heads]``, in float32 at least (bf16 logits never round to 1), in
+        float64 for a float64 layer."""
+        w = self.window_factors
+        return torch.sigmoid(w.to(torch.promote_types(w.dtype, torch.float32)))
 
     def empty_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> LoLAState:
         """A state that has seen no token, for ``batch_size`` rows."""
@@ -245,7 +247,7 @@ class LoLAAttention(nn.Module):
             refuse_continuation_without_state(q_len, attention_mask, kwargs)
         if attention_mask is not None:
             attention_mask = attention_mask[:, -q_len:]
-            if bool(attention_mask.all()):
+            if q_len > 1 and bool(attention_mask.all()):   # (a decode step keeps its mask: no host sync)
                 attention_mask = None
         cu_seqlens = kwargs.get('cu_seqlens')
         if cu_seqlens is not None and attention_mask is not None:
@@ -255,7 +257,13 @@ class LoLAAttention(nn.Module):
         k = self.k_proj(hidden_states).view(batch_size, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch_size, q_len, self.num_kv_heads, self.head_dim)
 
-        q, k = self.apply_rotary(q, k, state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        # A decode step continuing a sequence is the steady state: it must not wait on the device (no `.item()`,
+        # no value-dependent branch). Its inputs were validated with the sequence's first call; the rotary table
+        # is sized from the host-side token count of the cache instead of the positions' maximum.
+        steady = state is not None and q_len == 1 and cu_seqlens is None
+        max_seqlen = past_key_values.get_seq_length(self.layer_idx) + q_len if steady else None
+        q, k = self.apply_rotary(q, k, state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+                                 max_seqlen=max_seqlen)
 
         k_rep = k if self.num_kv_groups == 1 else k.repeat_interleave(self.num_kv_groups, dim=2)
         fq = self.feature_map_q(q)
@@ -273,6 +281,7 @@ class LoLAAttention(nn.Module):
             initial_state=state,
             output_final_state=keep_state,
             backend=self.backend,
+            validate=not steady,
             # the state is the cache's own: update it in place (checked first, so a failed call changes nothing)
             inplace_state=keep_state and state is not None and not torch.is_grad_enabled(),
         )
@@ -320,6 +329,7 @@ class LoLAAttention(nn.Module):
         state: LoLAState | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.LongTensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[B, T, H, D]`` and ``k`` ``[B, T, Hkv, D]`` at :meth:`positions`.
 
@@ -327,12 +337,17 @@ class LoLAAttention(nn.Module):
         On accelerators this calls fla's Triton rotary kernel with per-row offsets (``seen`` minus the row's
         leading padding); on CPU it applies the same cos/sin tables (``self.rotary``'s: a converted teacher's
         scaled RoPE included) with fla's reference formula, in float32 or ``q``'s dtype if wider.
+
+        ``max_seqlen``: a host-side bound on every row's ``T + offset`` (all positions are below it); without it
+        the bound is read from the positions on the device, which waits for them.
         """
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         batch_size, q_len = q.shape[:2]
         pos = self.positions(batch_size, q_len, q.device, state, attention_mask, cu_seqlens)
-        max_seqlen = int(pos.max()) + 1 if pos.numel() else 1
+        hinted = max_seqlen is not None
+        if not hinted:
+            max_seqlen = int(pos.max()) + 1 if pos.numel() else 1
         if self.max_position_embeddings is not None:
             max_seqlen = max(max_seqlen, self.max_position_embeddings)
         if q.device.type != 'cpu':
@@ -345,8 +360,9 @@ class LoLAAttention(nn.Module):
             else:
                 offsets = state.seen.to(q.device) if state is not None else 0
             # fla checks `T + offset <= table length` for every row, padded tail included
-            max_offset = int(offsets.max()) if isinstance(offsets, torch.Tensor) and offsets.numel() else 0
-            max_seqlen = max(max_seqlen, q_len + max_offset)
+            if not hinted:
+                max_offset = int(offsets.max()) if isinstance(offsets, torch.Tensor) and offsets.numel() else 0
+                max_seqlen = max(max_seqlen, q_len + max_offset)
             return self.rotary(q, k, seqlen_offset=offsets, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
 
         self.rotary._update_cos_sin_cache(max_seqlen, device=q.device, dtype=q.dtype)

@@ -63,8 +63,10 @@ def lola_attention(
         output_final_state (bool): whether to return the state after this call.
         backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
             ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
-        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range). Shapes are
-            always checked; a decode loop over trusted inputs may turn this off.
+        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range) and the canonical
+            cache layout of ``initial_state``; these checks read values back to the host (a GPU sync). Shapes are
+            always checked; a decode loop over trusted inputs may turn this off (:class:`LoLAAttention` validates
+            a sequence's first call and runs its single-token continuations without).
         inplace_state (bool): for a caller that owns ``initial_state`` (the layer, whose state lives in fla's
             ``Cache``): write the final state into ``initial_state``'s tensors and return that same object
             instead of a copy. Needs ``output_final_state=True``. Every check runs before anything is written,
