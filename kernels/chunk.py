@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_lola.kernels.select import place, rank_and_place, sre_score
+from fla_lola.kernels.select import boundary_scores, place, rank_and_place
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -104,7 +104,7 @@ def load_refs(x, xw, xc, ref, i_n, i_h, i_x, tok_base, phase,
 @triton.heuristics({'STORE_FINAL': lambda args: args['ht'] is not None})
 @triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in NUM_WARPS],
-    key=['H', 'HKV', 'D', 'DV', 'F', 'ETA', 'LAM', 'ACC'],
+    key=['H', 'HKV', 'D', 'DV', 'F', 'ETA', 'LAM', 'ACC', 'LOO'],
 )
 @triton.jit
 def lola_fwd_kernel_select(
@@ -116,7 +116,7 @@ def lola_fwd_kernel_select(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-    EPS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STORE_FINAL: tl.constexpr,
+    EPS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -158,8 +158,8 @@ def lola_fwd_kernel_select(
             valid_w = o_t < ETA
             b_vw = load_grid(v, wv, w_slot, valid_w, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v).to(ACC)
             b_fw = load_grid(fk, wfk, w_slot, valid_w, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f).to(ACC)
-            score_c = sre_score(b_vc, b_fc, b_h, b_s, valid_c, EPS, PREC)
-            score_w = sre_score(b_vw, b_fw, b_h, b_s, valid_w, EPS, PREC)
+            score_c, score_w = boundary_scores(b_vc, b_fc, valid_c, b_vw, b_fw, valid_w, b_h, b_s, BL, BT,
+                                               EPS, PREC, LOO)
             keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
             fold_c = (valid_c & ~keep_c).to(ACC)
             fold_w = (valid_w & ~keep_w).to(ACC)
@@ -344,6 +344,7 @@ def chunk_lola_fwd(
     cache_size: int,
     scale: float,
     mix: str,
+    selection: str,
     attention_mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     initial_state: LoLAState | None,
@@ -389,7 +390,7 @@ def chunk_lola_fwd(
             hs, ss, cidx,
             f.get('h'), f.get('s'), f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
             f.get('window_k'), f.get('window_v'), f.get('window_fk'),
-            BL=block(lam), **consts,
+            BL=block(lam), LOO=(selection == 'loo'), **consts,
         )
     if NT > 0:
         scale_t = torch.full((1,), scale, dtype=acc, device=dev)

@@ -38,7 +38,8 @@ ATOL, RTOL = 1e-10, 1e-9
 
 @st.composite
 def kernel_problems(draw, max_B=2, max_T=48, min_heads=1, max_heads=2, min_group=1, max_group=2, max_dim=16,
-                    max_window=8, max_cache=6, budget=16, mixes=('lola', 'lolcats'), dtype=torch.float64):
+                    max_window=8, max_cache=6, budget=16, mixes=('lola', 'lolcats'), selections=('sre', 'loo'),
+                    dtype=torch.float64):
     """Valid inputs with B·H·ceil(T/η) ≤ ``budget`` (rows × heads × chunks: what the interpreter pays for)."""
     Hkv = draw(st.integers(min_heads, max_heads))
     H = Hkv * draw(st.integers(min_group, max_group))
@@ -49,7 +50,7 @@ def kernel_problems(draw, max_B=2, max_T=48, min_heads=1, max_heads=2, min_group
         seed=draw(st.integers(0, 2**31 - 1)), B=B, T=T, H=H, Hkv=Hkv,
         D=draw(st.integers(1, max_dim)), Dv=draw(st.integers(1, max_dim)), F=draw(st.integers(1, max_dim)),
         window_size=eta, cache_size=draw(st.integers(0, max_cache)), mix=draw(st.sampled_from(mixes)),
-        logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])), dtype=dtype,
+        selection=draw(st.sampled_from(selections)), logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])), dtype=dtype,
     )
 
 
@@ -252,7 +253,7 @@ def test_inputs_that_require_grad_are_refused(which):
 
 
 @pytest.mark.parametrize('selection', ['recency', 'value_norm', 'random'])
-def test_selections_other_than_sre_are_refused(selection):
+def test_ablation_selections_are_refused(selection):
     p = small_problem()
     p.selection = selection
     with pytest.raises(ValueError, match='sre'):
