@@ -66,12 +66,13 @@ def main():
         pre = [x[:, :T] for x in (q, k, v, fq, fk)] + [gate]
         one = [x[:, T:] for x in (q, k, v, fq, fk)] + [gate]
 
-        def lola(cache_size):
+        def lola(cache_size, selection='sre'):
             return lola_attention(*pre, window_size=eta, cache_size=cache_size, output_final_state=True,
-                                  backend='torch', validate=False)
+                                  selection=selection, backend='torch', validate=False)
 
         t_lola = median_time(lambda: lola(lam), args.repeats)
         t_lola0 = median_time(lambda: lola(0), args.repeats)
+        t_loo = median_time(lambda: lola(lam, 'loo'), args.repeats)
         _, state = lola(lam)
         t_dec = median_time(lambda: lola_attention(*one, window_size=eta, cache_size=lam, initial_state=state,
                                                    output_final_state=True, backend='torch', validate=False),
@@ -85,12 +86,14 @@ def main():
         rows.append(dict(
             T=T, lola_tok_s=T / t_lola, lola0_tok_s=T / t_lola0, sdpa_tok_s=None if t_sdpa is None else T / t_sdpa,
             prefill_speedup=None if t_sdpa is None else t_sdpa / t_lola, cache_cost=t_lola / t_lola0,
+            loo_tok_s=T / t_loo, loo_cost=t_loo / t_lola,
             lola_decode_ms=t_dec * 1e3, sdpa_decode_ms=t_sdpa_dec * 1e3, decode_speedup=t_sdpa_dec / t_dec,
             state_bytes=state.nbytes(), kv_cache_bytes=kv_bytes,
         ))
         r = rows[-1]
         sdpa_txt = '—' if t_sdpa is None else f"{r['sdpa_tok_s']:.0f}"
-        print(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), "
+        print(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}, "
+              f"LOO: {r['loo_tok_s']:.0f}), "
               f"SDPA {sdpa_txt} tok/s; decode {r['lola_decode_ms']:.3f} ms vs "
               f"SDPA {r['sdpa_decode_ms']:.3f} ms; state {r['state_bytes'] / 2**20:.2f} MiB vs KV "
               f"{kv_bytes / 2**20:.1f} MiB", flush=True)
@@ -120,6 +123,8 @@ def main():
     checks.append(('decode step flat in T (max/min - 1 ≤ 25 %)', dspread, dspread <= 0.25))
     worst = max(r['cache_cost'] for r in rows)
     checks.append((f'λ={lam} costs ≤ 1.5× λ=0 (worst length)', worst, worst <= 1.5))
+    loo = max(r['loo_cost'] for r in rows)
+    checks.append(('leave-one-out selection prefill ≤ 1.1× SRE (worst length)', loo, loo <= 1.1))
     print()
     for name, value, ok in checks:
         print(f"[{'met' if ok else 'MISSED'}] {name}: {value:.2f}")

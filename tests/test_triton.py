@@ -252,6 +252,30 @@ def test_inputs_that_require_grad_are_refused(which):
     torch.testing.assert_close(o.cpu(), run(p, 'naive')[0].float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('decode', [False, True])
+def test_loo_keeps_what_the_other_candidates_do_not_explain(decode):
+    """The hand-checked case of tests/test_selection.py (three copies and one odd pair, λ = 1): SRE keeps the first
+    copy, LOO the odd pair; the boundary runs in the prefill kernel, or in the step kernel after a 7-token prefill."""
+    from test_selection import duplicates_case
+
+    v, fk = duplicates_case()
+    T = v.shape[0]
+    xs = [torch.zeros(1, T, 1, 1), torch.zeros(1, T, 1, 1), v.view(1, T, 1, -1), torch.full((1, T, 1, 2), 0.5),
+          fk.view(1, T, 1, -1)]
+    xs = [x.double().to(DEVICE) for x in xs]
+    gate = torch.tensor([0.5], dtype=torch.float64, device=DEVICE)
+    for selection, keep in (('sre', [0]), ('loo', [3])):
+        kw = dict(window_size=4, cache_size=1, selection=selection, output_final_state=True, backend='triton')
+        if decode:
+            _, state = lola_attention(*(x[:, :-1] for x in xs), gate, **kw)
+            _, state = lola_attention(*(x[:, -1:] for x in xs), gate, initial_state=state, **kw)
+        else:
+            _, state = lola_attention(*xs, gate, **kw)
+        assert state.cache_pos[0, 0].tolist() == keep, selection
+        if selection == 'loo':
+            assert state.s[0, 0].tolist() == [3.0, 0.0]
+
+
 @pytest.mark.parametrize('selection', ['recency', 'value_norm', 'random'])
 def test_ablation_selections_are_refused(selection):
     p = small_problem()
