@@ -148,7 +148,7 @@ def accuracy(hits: str) -> float:
 
 
 def table(result: dict) -> str:
-    lengths = [str(L) for L in result["lengths"]]
+    lengths = [str(L) for L in next(iter(result["tasks"].values()))["lengths"]]
     head = f"{'variant':<34} {'pairs':>6} " + " ".join(f"{L:>7}" for L in lengths)
     rows = []
     for task, res in result["tasks"].items():
@@ -172,7 +172,7 @@ def plot(result: dict, path: str) -> None:
 
     tasks = list(result["tasks"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 3, 4.5), sharey=True, squeeze=False)
-    lengths = result["lengths"]
+    lengths = result["tasks"][tasks[0]]["lengths"]
     for ax, task in zip(axes[0], tasks):
         for name, accs in result["tasks"][task]["accuracy"].items():
             ax.plot(lengths, [100 * accs[str(L)] for L in lengths], marker="o",
@@ -248,14 +248,14 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "weights": os.path.relpath(weights) if tmp is None else None,
     }
+    if args.json:  # the numbers first: nothing after this can lose them
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     print(table(result))
     print(f"evaluated {docs} documents per cell in {sum(seconds.values()):.0f} s "
           f"({torch.get_num_threads()} threads)")
     png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
     plot(result, png)
     print(f"plot: {png}" + (f", numbers: {args.json}" if args.json else ""))
     if tmp is not None:

@@ -62,12 +62,15 @@ def test_text_documents_hide_the_needle_in_prose_held_out_from_training():
     assert passages["eval"] and not train & {" ".join(p) for p in passages["eval"]}
     batch = pk.eval_documents(1024, 5, task="text")
     eval_stream, _ = pk._prose_stream("eval")
-    for doc in batch.input_ids.tolist():
+    cyclic = "," + ",".join(map(str, eval_stream * 2)) + ","
+    for doc, key in zip(batch.input_ids.tolist(), batch.keys):
         text = pk.TOKENIZER.decode(doc)
         assert len(doc) == 1024 and text.count("The pass key is") == 2  # the needle and the question
-        # the haystack is a contiguous stretch of the held-out stream (cyclically): its first 50 tokens are found there
-        hay = doc[1:51]
-        assert any(eval_stream[i:i + 50] == hay for i in range(len(eval_stream)))
+        # without the needle and the question, the haystack is a contiguous stretch of the held-out stream
+        needle = pk.TOKENIZER.encode(pk.NEEDLE.format(key=" ".join(key)))
+        i = next(j for j in range(len(doc)) if doc[j:j + len(needle)] == needle)
+        hay = doc[1:i] + doc[i + len(needle):len(doc) - len(pk.TOKENIZER.encode(pk.QUESTION)) - pk.KEY_DIGITS]
+        assert "," + ",".join(map(str, hay)) + "," in cyclic
     assert len(pk.TOKENIZER) < 1100 and pk.TOKENIZER.encode("zyzzyva") == [pk.TOKENIZER.unk_token_id]
 
 
@@ -76,7 +79,7 @@ def test_multikey_documents_have_three_named_needles_and_ask_for_one():
     for doc, key, depth in zip(batch.input_ids.tolist(), batch.keys, batch.depths):
         text = pk.TOKENIZER.decode(doc)
         asked = text.split("What is the pass key for ")[1].split(" ")[0]
-        needles = text.split("The pass key for ")[1:-2]          # the last two are the question
+        needles = text.split("The pass key for ")[1:-1]          # the last one is in the question
         assert len(doc) == 512 and len(needles) == pk.N_NEEDLES
         names = [n.split(" ")[0] for n in needles]
         assert asked in names and len(set(names)) == pk.N_NEEDLES
