@@ -1,17 +1,36 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs into .venv and runs the main job (the pass-key demo on the shipped tiny models)
 #   make test   installs into .venv and runs every test (kernels under Triton's CPU interpreter)
-# On a CPU machine torch==2.13.0 goes in first (its CPU wheel); GPU users install their own torch build first.
+# Both install the exact versions CI tested (requirements/lock-cpu.txt, through pip's constraints). On a CPU machine
+# torch==2.13.0 goes in first (its CPU wheel); GPU users install their own torch build first (`make TORCH=torch ...`).
+#   make lock          re-resolves the newest releases pyproject.toml allows and rewrites the lock (then run make test)
+#   make test-newest   the transformers-facing tests on the newest transformers / fla the ranges allow (CI runs it)
+#   make test-oldest   the same on the oldest transformers / fla the ranges allow (CI runs it)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+LOCK ?= requirements/lock-cpu.txt
+EXTRAS ?= test,examples
+PYTEST := HYPOTHESIS_PROFILE=ci python -m pytest -p no:cacheprovider
+# the tests that exercise transformers and fla (models, generate, registry, conversion, packaging)
+COMPAT_TESTS ?= tests/test_models.py tests/test_convert.py tests/test_cli.py tests/test_packaging.py
+# packages the compatibility environments leave free of the lock (everything else stays as tested)
+FREE := transformers|flash-linear-attention|fla-core|tokenizers|huggingface-hub|huggingface_hub|safetensors
 
-$(VENV)/.installed: pyproject.toml
+define install
+	python3 -m venv $(1)
+	grep -v '^#' $(LOCK) | grep -ivE '^($(FREE))==' > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt --upgrade pip
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt "$(TORCH)"
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt -e ".[$(EXTRAS)]" $(2)
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,examples]"
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,11 +38,40 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/passkey.py --json out/passkey.json
 
+# every pytest invocation runs even if an earlier one failed; the target fails if any did
 test: $(VENV)/.installed
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -m "not triton" -p no:cacheprovider
-	HYPOTHESIS_PROFILE=ci TRITON_INTERPRET=1 $(PY) -m pytest -m triton -p no:cacheprovider
+	@status=0; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTEST) -m "not triton" || status=1; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" TRITON_INTERPRET=1 $(PYTEST) -m triton || status=1; \
+	exit $$status
+
+test-newest:
+	rm -rf .venv-newest
+	$(call install,.venv-newest,--upgrade --upgrade-strategy eager)
+	.venv-newest/bin/python -m pip list 2>/dev/null | grep -iE '^($(FREE)) '
+	PATH="$(abspath .venv-newest)/bin:$$PATH" $(PYTEST) -m "not triton" $(COMPAT_TESTS)
+
+test-oldest:
+	rm -rf .venv-oldest
+	$(call install,.venv-oldest,"transformers==$(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)" \
+		"flash-linear-attention==$(shell sed -n 's/.*"flash-linear-attention>=\([0-9.]*\).*/\1/p' pyproject.toml)")
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^($(FREE)) '
+	PATH="$(abspath .venv-oldest)/bin:$$PATH" $(PYTEST) -m "not triton" $(COMPAT_TESTS)
+
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	mkdir -p $(dir $(LOCK))
+	{ echo "# Exact versions CI tested (make lock, $$(date -u +%F), Python $$(.venv-lock/bin/python -V | cut -d' ' -f2))."; \
+	  echo "# Used as pip constraints by make test / make demo / .ci/run; refresh with make lock when a range changes."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^fla-lola' \
+	  | sed 's/^\(torch==[0-9.]*\)+.*/\1/' | sort -f; } > $(LOCK)
+	rm -rf .venv-lock
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/cpu.py --json benchmarks/cpu.json --png benchmarks/cpu.png
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-newest test-oldest lock bench

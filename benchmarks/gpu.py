@@ -1,7 +1,11 @@
 """LoLA's Triton backend vs PyTorch SDPA and fla's linear attention on one GPU, measured in one run.
 
+    python benchmarks/gpu.py          # the full run: prints every target met/MISSED, writes gpu.json and gpu.png
     python benchmarks/gpu.py [--lengths 1024 ... 65536] [--cache-sizes 64 256] [--json out.json] [--png out.png]
     TRITON_INTERPRET=1 python benchmarks/gpu.py --smoke --json /tmp/x.json     # CPU, seconds: checks the script runs
+
+Without ``--json`` / ``--png`` a full run writes ``benchmarks/gpu.json`` and ``benchmarks/gpu.png`` (a smoke run
+writes only what it is asked to).
 
 Shapes (issue 4): bf16, B=1, H=32 (and as many key heads), D=Dv=128, F=128, η=64, λ ∈ {64, 256}, T from 1K to 64K.
 
@@ -132,6 +136,10 @@ def main(argv=None):
     ap.add_argument('--json', default=None)
     ap.add_argument('--png', default=None)
     args = ap.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not args.smoke:
+        args.json = args.json or os.path.join(here, 'gpu.json')
+        args.png = args.png or os.path.join(here, 'gpu.png')
     if args.smoke:
         args.lengths, args.cache_sizes = [64, 128], [8, 32]
         args.heads, args.kv_heads, args.head_dim, args.feature_dim, args.window_size = 2, 2, 16, 16, 32
@@ -152,6 +160,19 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (Triton interpreter)'
     print(f"{name}; torch {torch.__version__}; bf16 B=1 H={H} Hkv={Hkv} D=Dv={D} F={Fd} η={eta} "
           f"λ∈{args.cache_sizes} sliding window {W}{' [smoke: timings mean nothing]' if args.smoke else ''}")
+    from fla_lola import LoLAState
+    from fla_lola.kernels.chunk import SNAPSHOT_BUDGET, segment_length
+    memory = []
+    for lam in args.cache_sizes:
+        state = LoLAState.empty(1, H, Hkv, D, D, Fd, eta, lam, dtype=dtype, device='meta').nbytes()
+        memory.append(dict(cache_size=lam, state_bytes=state, kv_cache_bytes_per_token=2 * Hkv * D * 2,
+                           snapshot_bytes_per_token=4 * H * (Fd * (D + 1) + lam) / eta,
+                           prefill_segment_tokens=segment_length(1, H, Fd, D, eta, lam, 4),
+                           snapshot_budget_bytes=SNAPSHOT_BUDGET))
+        print(f"λ={lam}: state {state / 2**20:.2f} MiB at any T (a bf16 KV cache: {2 * Hkv * D * 2} B/token); prefill "
+              f"snapshots {memory[-1]['snapshot_bytes_per_token']:.0f} B/token, at most "
+              f"{SNAPSHOT_BUDGET / 2**20:.0f} MiB (prefills over {memory[-1]['prefill_segment_tokens']} tokens run in "
+              f"segments)")
 
     configs = [(T, m) for T in args.lengths for m in
                [('lola_triton', lam) for lam in args.cache_sizes] + [('sdpa', None), ('chunk_linear_attn', None),
@@ -268,7 +289,7 @@ def main(argv=None):
                               sliding_window=W, dtype=str(dtype), device=name, torch=torch.__version__,
                               warmup=args.warmup, repeats=args.repeats, decode_repeats=args.decode_repeats,
                               smoke=args.smoke),
-                  rows=rows, targets=[dict(name=n, value=v, met=bool(ok)) for n, v, ok in checks])
+                  memory=memory, rows=rows, targets=[dict(name=n, value=v, met=bool(ok)) for n, v, ok in checks])
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)

@@ -1,8 +1,11 @@
-"""Convert a transformers softmax model (Llama, Mistral, Qwen2 layout) into a :class:`LoLAForCausalLM`.
+"""Convert a transformers softmax model (Llama, Mistral, Qwen2, Qwen3 layout) into a :class:`LoLAForCausalLM`.
 
 Everything but the token mixer is copied exactly: embeddings, RMS norms, SwiGLU MLPs, the LM head, and the
-q/k/v/o projections (grouped-query attention kept, Qwen2's q/k/v biases included), with the teacher's RoPE
-base and head size. What the softmax layer lacks is initialized as LoLCATs does (``configs/model/
+q/k/v/o projections (grouped-query attention kept, Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorms
+included), with the teacher's head size and RoPE: its ``rope_parameters`` are stored in the config and the
+layers build their tables with transformers' own RoPE functions (default, linear, llama3, yarn with its
+attention scaling; dynamic and longrope with the table the teacher uses up to its original length, see
+:mod:`fla_lola.layers.rope`). Anything else is refused with a ``ValueError`` naming the config field. What the softmax layer lacks is initialized as LoLCATs does (``configs/model/
 distill_llama3_1_8b_lk_smd_wtk64_fd64_w01.yaml``: learned kernel ``untied_head_einsum``, no skip, no bias,
 no zero init; ``tie_qk_kernels: false``; ``init_window_factor: -2.1972245773362196``):
 
@@ -23,43 +26,61 @@ import math
 import torch
 import torch.nn as nn
 
+from fla_lola.layers.rope import ROPE_TYPES, rope_type_of
 from fla_lola.models.lola.configuration_lola import LoLAConfig
 from fla_lola.models.lola.modeling_lola import LoLAForCausalLM
 
 LOLCATS_WINDOW_FACTOR_INIT = -2.1972245773362196  # sigmoid = 0.1
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    scaling = getattr(config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-    if rope_type != "default":
-        raise ValueError(f"conversion maps plain RoPE only; this model uses rope_type={rope_type!r}, which the "
-                         "LoLA layer's rotary embedding does not implement")
+def _rope_parameters(config) -> dict:
+    """The teacher's ``rope_parameters`` (``rope_theta`` included), refused with the field named if unsupported."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    nested = [k for k, v in params.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(f"config field `rope_parameters` has one RoPE per layer type ({nested}); LoLA converts "
+                         "models with a single RoPE")
+    rope_type = rope_type_of(params)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config field `rope_parameters['rope_type']` is {rope_type!r}; conversion supports "
+                         f"{ROPE_TYPES}")
+    if params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+        raise ValueError("config field `partial_rotary_factor` is not 1.0: LoLA rotates whole heads only")
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
-        raise ValueError("the model config names no rope_theta")
-    return float(theta)
+        raise ValueError("the model config names no `rope_theta`")
+    params.pop("type", None)
+    params.pop("partial_rotary_factor", None)
+    return {**params, "rope_type": rope_type, "rope_theta": float(theta)}
 
 
 def lola_config_from(config, **lola) -> LoLAConfig:
-    """A :class:`LoLAConfig` with the shapes of a transformers Llama/Mistral/Qwen2 config.
+    """A :class:`LoLAConfig` with the shapes of a transformers Llama/Mistral/Qwen2/Qwen3 config.
 
     ``lola`` sets the LoLA fields: ``window_size``, ``cache_size``, ``feature_dim`` (default 64, as LoLCATs),
     ``mix``, ``selection``, ``attn_backend``.
+
+    Raises:
+        ValueError: naming the config field that LoLA cannot reproduce: ``model_type`` (other families),
+            ``hidden_act`` (not SiLU), ``attention_bias`` / ``mlp_bias``, ``use_sliding_window`` (Qwen's
+            per-layer windows), ``rope_parameters`` (a RoPE type outside :data:`fla_lola.layers.rope.ROPE_TYPES`,
+            per-layer RoPE), ``partial_rotary_factor``.
     """
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
-        raise ValueError(f"conversion supports model_type in {SUPPORTED}, got {model_type!r}")
+        raise ValueError(f"config field `model_type` is {model_type!r}; conversion supports {SUPPORTED}")
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise ValueError(f"the LoLA MLP is SwiGLU; this model's hidden_act is {config.hidden_act!r}")
+        raise ValueError(f"config field `hidden_act` is {config.hidden_act!r}; the LoLA MLP is SwiGLU (silu)")
     if getattr(config, "attention_bias", False):
-        raise ValueError("attention_bias=True puts a bias on o_proj, which the LoLA layer does not have")
+        raise ValueError("config field `attention_bias` is True: it puts a bias on o_proj, which the LoLA layer "
+                         "does not have")
     if getattr(config, "mlp_bias", False):
-        raise ValueError("mlp_bias=True is not supported by the LoLA MLP")
+        raise ValueError("config field `mlp_bias` is True: the LoLA MLP has no biases")
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        raise ValueError("config field `use_sliding_window` is True: Qwen's per-layer sliding windows are not "
+                         "reproduced by LoLA layers")
+    rope = _rope_parameters(config)
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     return LoLAConfig(
@@ -72,7 +93,9 @@ def lola_config_from(config, **lola) -> LoLAConfig:
         hidden_ratio=None,
         intermediate_size=config.intermediate_size,
         hidden_act="swish",
-        rope_theta=_rope_theta(config),
+        rope_theta=rope["rope_theta"],
+        rope_parameters=rope,
+        qk_norm=model_type == "qwen3",
         max_position_embeddings=config.max_position_embeddings,
         norm_eps=config.rms_norm_eps,
         vocab_size=config.vocab_size,
@@ -99,6 +122,9 @@ def _weight_map(config) -> dict[str, str]:
         if config.qkv_bias:
             for p in ("q", "k", "v"):
                 names[a + f"attn.{p}_proj.bias"] = b + f"self_attn.{p}_proj.bias"
+        if getattr(config, "qk_norm", False):
+            for p in ("q", "k"):
+                names[a + f"attn.{p}_norm.weight"] = b + f"self_attn.{p}_norm.weight"
         for p in ("gate", "up", "down"):
             names[a + f"mlp.{p}_proj.weight"] = b + f"mlp.{p}_proj.weight"
     return names
@@ -111,12 +137,17 @@ def init_lolcats_(model: nn.Module, generator: torch.Generator | None = None) ->
 
     for layer in lola_layers(model):
         w = layer.feature_map_q.weight
-        # kaiming_uniform_ with PyTorch's defaults (a=0, fan_in = size(1) * size(2) for a 3-d tensor)
-        bound = math.sqrt(2.0) * math.sqrt(3.0 / (w.shape[1] * w.shape[2]))
-        init = torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        w.copy_(init.to(w.dtype))
+        w.copy_(lolcats_feature_map_init(w.shape, generator).to(w.dtype))
         layer.feature_map_k.weight.copy_(w)
         layer.window_factors.fill_(LOLCATS_WINDOW_FACTOR_INIT)
+
+
+def lolcats_feature_map_init(shape, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One layer's initial feature map ``[H, D, f]`` (float32): ``kaiming_uniform_`` with PyTorch's defaults
+    (``a = 0``, ``fan_in = D * f`` for a 3-d tensor). Layer after layer from one generator, as
+    :func:`init_lolcats_` and :func:`fla_lola.checkpoint.convert_checkpoint` draw them."""
+    bound = math.sqrt(2.0) * math.sqrt(3.0 / (shape[1] * shape[2]))
+    return torch.empty(tuple(shape), dtype=torch.float32).uniform_(-bound, bound, generator=generator)
 
 
 @torch.no_grad()
@@ -124,7 +155,8 @@ def convert_to_lola(model: nn.Module, seed: int | None = 0, **lola) -> LoLAForCa
     """A :class:`LoLAForCausalLM` holding ``model``'s weights (copied; ``model`` is left untouched).
 
     Args:
-        model: a transformers ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``.
+        model: a transformers ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``Qwen3ForCausalLM``.
         seed: seeds the feature-map initialization (``None``: PyTorch's global generator).
         **lola: LoLA settings for the config (``window_size``, ``cache_size``, ``feature_dim``, ``mix``,
             ``selection``, ``attn_backend``).

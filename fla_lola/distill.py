@@ -117,6 +117,9 @@ def attention_transfer(
     log: Callable[[str], None] | None = None,
     log_every: int = 25,
     use_accelerate: bool | None = None,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[float]:
     """Train the student's feature maps and mixing logits for ``steps`` AdamW steps; return the losses.
 
@@ -130,6 +133,10 @@ def attention_transfer(
         lr: AdamW learning rate (LoLCATs uses 1e-2 for attention transfer).
         use_accelerate: use ``accelerate.Accelerator`` (default: when installed and launched with more than
             one process).
+        start_step, optimizer_state: resume at step ``start_step`` (batches are indexed by step, so a resumed
+            run sees the data an uninterrupted one would) with the AdamW state saved at that step.
+        on_step: called as ``on_step(steps_done, optimizer)`` after every step, on every process (for periodic
+            checkpoints).
     """
     from tqdm.auto import tqdm
 
@@ -139,6 +146,10 @@ def attention_transfer(
         raise ValueError("use_accelerate=True needs the `accelerate` package")
     accelerator = Accelerator() if use_accelerate else None
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator is not None and world != launched:
+        raise ValueError(f"{launched} processes were launched but accelerate runs {world} (no distributed backend: "
+                         "on CPU-only machines set ACCELERATE_USE_CPU=true to train with gloo)")
 
     layers = lola_layers(student)
     if not layers:
@@ -154,6 +165,8 @@ def attention_transfer(
 
     module = AttentionTransfer(layers)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     if accelerator is not None:
         module, opt = accelerator.prepare(module, opt)
         device = accelerator.device
@@ -167,7 +180,8 @@ def attention_transfer(
         return next(batches)
 
     losses = []
-    bar = tqdm(range(steps), desc="attention transfer", disable=not progress or rank != 0, mininterval=2)
+    bar = tqdm(range(start_step, steps), desc="attention transfer", disable=not progress or rank != 0,
+               mininterval=2, initial=start_step, total=steps)
     module.train()
     with cache_size(layers, 0):
         for i in bar:
@@ -183,6 +197,8 @@ def attention_transfer(
             bar.set_postfix(mse=f"{loss.item():.3g}")
             if log is not None and rank == 0 and ((i + 1) % log_every == 0 or i + 1 == steps):
                 log(f"attention transfer step {i + 1}/{steps} mse {sum(losses[-log_every:]) / len(losses[-log_every:]):.4g}")
+            if on_step is not None:
+                on_step(i + 1, opt)
     for p in params:
         p.requires_grad_(False)
     student.eval()

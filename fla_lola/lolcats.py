@@ -12,6 +12,15 @@ appears. These map one to one onto :class:`~fla_lola.layers.LoLAAttention`'s ``f
 ``feature_map_k.weight`` and ``window_factors`` ``[H]``. LoLCATs mixes window and linear attention with
 weights ``γ`` and ``1`` (``affine_attention_factors: false``), which is the op's ``mix="lolcats"``; the
 import sets it on every layer unless told otherwise.
+
+A stage-2 (fine-tuning) checkpoint holds peft LoRA weights on the attention projections, in peft's layout::
+
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.default.weight   [r, in]
+    base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.default.weight   [out, r]
+
+(``q``, ``k``, ``v``, ``o``; the adapter name and the prefix are optional). :func:`merge_lora_` folds them into
+the projections as peft's ``merge_and_unload`` does: ``W + (alpha / r) · B @ A``, ``r`` read from the tensors
+and ``alpha`` given (LoLCATs' default 16). Any other key is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ import torch.nn as nn
 
 from fla_lola.distill import lola_layers
 
+_LORA_KEY = re.compile(
+    r"^(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>[qkvo])_proj\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+)
+LOLCATS_LORA_ALPHA = 16.0
 _KEY = re.compile(
     r"^(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\."
     r"(?:feature_map_(?P<qk>[qk])\.mlp\.layer|(?P<wf>window_factors))$"
@@ -96,7 +109,7 @@ def load_lolcats_checkpoint(
             f"keys that are not attention-transfer parameters {other[:5]}{'...' if len(other) > 5 else ''}; "
             f"model layers without weights {missing}; checkpoint layers the model lacks {unknown}"
         )
-    loaded = []
+    copies = []  # every check passes before anything is written: a failed import changes nothing
     for i, entry in sorted(parsed.items()):
         if i not in by_idx:
             continue
@@ -111,7 +124,14 @@ def load_lolcats_checkpoint(
             if src.shape != target.shape:
                 raise ValueError(f"layer {i} {name}: checkpoint shape {tuple(src.shape)}, model expects "
                                  f"{tuple(target.shape)} (num_heads, head_dim, feature_dim must match)")
-            target.copy_(src.to(target.dtype))
+            copies.append((target, src))
+    for target, src in copies:
+        target.copy_(src.to(target.dtype))
+    loaded = []
+    for i in sorted(parsed):
+        if i not in by_idx:
+            continue
+        layer = by_idx[i]
         if mix is not None:
             layer.mix = mix
         loaded.append(i)
@@ -130,3 +150,89 @@ def lolcats_state_dict(model: nn.Module, prefix: str = "model.") -> dict[str, to
         out[base + "feature_map_k.mlp.layer"] = m.feature_map_k.weight.detach().clone()
         out[base + "window_factors"] = m.window_factors.detach().reshape(1, -1, 1, 1).clone()
     return out
+
+
+# ---------------------------------------------------------------- stage 2: LoRA on q/k/v/o
+
+
+def parse_lora_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[tuple[int, str], dict], list[str]]:
+    """Group peft LoRA tensors by projection: ``{(layer, 'q'): {'A': [r, in], 'B': [out, r]}}``, plus other keys.
+
+    Raises ``ValueError`` for a projection with only one of ``lora_A`` / ``lora_B``, two tensors for one slot
+    (two adapters), or ranks that disagree.
+    """
+    lora: dict[tuple[int, str], dict] = {}
+    other = []
+    for key, value in state_dict.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            other.append(key)
+            continue
+        entry = lora.setdefault((int(m["layer"]), m["proj"]), {})
+        if m["ab"] in entry:
+            raise ValueError(f"two lora_{m['ab']} tensors for layer {m['layer']} {m['proj']}_proj (a second under "
+                             f"{key!r}); merge one adapter at a time")
+        entry[m["ab"]] = value
+    for (i, proj), entry in sorted(lora.items()):
+        if set(entry) != {"A", "B"}:
+            raise ValueError(f"layer {i} {proj}_proj has lora_{''.join(entry)} without "
+                             f"lora_{'B' if 'A' in entry else 'A'}")
+        a, b = entry["A"], entry["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"layer {i} {proj}_proj: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
+                             "[r, in] and [out, r]")
+    return lora, other
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, lora_alpha: float = LOLCATS_LORA_ALPHA) -> torch.Tensor:
+    """``(alpha / r) · B @ A`` with ``r = A.shape[0]``, in float32 or the inputs' dtype if wider."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (b.to(dtype) @ a.to(dtype)) * (float(lora_alpha) / a.shape[0])
+
+
+def check_lora_shapes(lora: dict[tuple[int, str], dict], shapes: Mapping[tuple[int, str], tuple]) -> None:
+    """Raise ``ValueError`` if a LoRA pair targets a projection the model lacks or has the wrong shape."""
+    for (i, proj), entry in sorted(lora.items()):
+        if (i, proj) not in shapes:
+            raise ValueError(f"LoRA weights for layer {i} {proj}_proj, which the model does not have "
+                             f"(layers 0..{max(j for j, _ in shapes)})")
+        out_f, in_f = shapes[(i, proj)]
+        if entry["B"].shape[0] != out_f or entry["A"].shape[1] != in_f:
+            raise ValueError(f"layer {i} {proj}_proj is [{out_f}, {in_f}], its LoRA gives "
+                             f"[{entry['B'].shape[0]}, {entry['A'].shape[1]}] (lora_B {tuple(entry['B'].shape)}, "
+                             f"lora_A {tuple(entry['A'].shape)})")
+
+
+def split_finetune_checkpoint(checkpoint) -> tuple[dict, dict]:
+    """A stage-2 checkpoint as ``(lora, attention_transfer)`` state dicts; any other key is refused."""
+    sd = read_lolcats_checkpoint(checkpoint)
+    lora, other = parse_lora_state_dict(sd)
+    lora_keys = set(sd) - set(other)
+    attn = {k: v for k, v in sd.items() if k in other and _KEY.match(k)}
+    stray = [k for k in other if k not in attn]
+    if stray:
+        raise ValueError(f"stage-2 checkpoint has keys that are neither LoRA weights of q/k/v/o_proj nor "
+                         f"attention-transfer parameters: {stray[:5]}{'...' if len(stray) > 5 else ''}")
+    return {k: sd[k] for k in lora_keys}, attn
+
+
+@torch.no_grad()
+def merge_lora_(model: nn.Module, checkpoint, lora_alpha: float = LOLCATS_LORA_ALPHA) -> list[tuple[int, str]]:
+    """Fold a stage-2 checkpoint's LoRA weights into the q/k/v/o projections of ``model``'s LoLA layers.
+
+    ``W += (alpha / r) · B @ A``, what peft's ``merge_and_unload`` computes. Attention-transfer tensors in the
+    same file are loaded too (:func:`load_lolcats_checkpoint`, non-strict). Every shape is checked before any
+    weight changes. Returns the ``(layer, projection)`` pairs merged.
+    """
+    lora_sd, attn = split_finetune_checkpoint(checkpoint)
+    lora, _ = parse_lora_state_dict(lora_sd)
+    by_idx = {m.layer_idx: m for m in lola_layers(model)}
+    projections = {(i, p): getattr(m, f"{p}_proj") for i, m in by_idx.items() for p in "qkvo"}
+    check_lora_shapes(lora, {key: tuple(lin.weight.shape) for key, lin in projections.items()})
+    if attn:  # checks all its shapes before copying; the LoRA shapes are checked already
+        load_lolcats_checkpoint(model, attn, mix=None, strict=False)
+    for (i, proj), entry in sorted(lora.items()):
+        w = projections[(i, proj)].weight
+        w.copy_((w.to(torch.promote_types(w.dtype, torch.float32)) + lora_delta(entry["A"], entry["B"], lora_alpha))
+                .to(w.dtype))
+    return sorted(lora)

@@ -25,7 +25,11 @@ cost no copy. A cache entry is a reference ``r``: ``r < λ`` is slot ``r`` of th
 cached pairs are never copied either, and keys and values of a GQA group are read from their shared
 key head (``h // (H / Hkv)``) instead of being repeated.
 
-Memory: per chunk a snapshot of ``H`` (F×Dv, accumulation dtype) like fla's ``h``, and λ int32 references.
+Memory: per chunk a snapshot of ``H`` and ``s`` (F×(Dv+1), accumulation dtype) like fla's ``h``, and λ int32
+references: ``4·H·(F·(Dv+1) + λ) / η`` bytes per token (33 KB at H = 32, F = Dv = 128, η = λ = 64; 2.1 GB at 64K).
+:func:`chunk_lola_fwd` bounds it: a prefill whose snapshots would exceed :data:`SNAPSHOT_BUDGET` bytes runs as
+consecutive segments of whole chunks along T, each continuing the previous one's state (exact: the streaming
+split is invariant), so a prefill of any length allocates at most ``SNAPSHOT_BUDGET`` of snapshots.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
 NUM_WARPS = [4, 8]
+# bytes of per-chunk snapshots one prefill launch may allocate (longer prefills run in segments)
+SNAPSHOT_BUDGET = 256 * 2**20
 
 
 def block(n: int) -> int:
@@ -51,9 +57,10 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """IEEE products for fp32/fp64 inputs (the reference's precision); TF32 next to bf16/fp16 inputs."""
-    return 'ieee' if dtype in (torch.float32, torch.float64) else 'tf32'
+# Precision: every ``tl.dot`` of these kernels asks for ``input_precision="ieee"``. Dots over float32 operands
+# (the memory H, s, the self-recall score, fp32 inputs) are then IEEE float32, never TF32 (Triton's default,
+# whose 10-bit mantissa reorders near-tied selection scores); dots over bf16/fp16 operands (q·k and P·V of
+# low-precision inputs) are native bf16/fp16 MMAs with float32 accumulation, which the flag does not change.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,7 +123,7 @@ def lola_fwd_kernel_select(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-    EPS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr, STORE_FINAL: tl.constexpr,
+    EPS: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -159,14 +166,14 @@ def lola_fwd_kernel_select(
             b_vw = load_grid(v, wv, w_slot, valid_w, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v).to(ACC)
             b_fw = load_grid(fk, wfk, w_slot, valid_w, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f).to(ACC)
             score_c, score_w = boundary_scores(b_vc, b_fc, valid_c, b_vw, b_fw, valid_w, b_h, b_s, BL, BT,
-                                               EPS, PREC, LOO)
+                                               EPS, LOO)
             keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
             fold_c = (valid_c & ~keep_c).to(ACC)
             fold_w = (valid_w & ~keep_w).to(ACC)
             b_fc = b_fc * fold_c[:, None]
             b_fw = b_fw * fold_w[:, None]
-            b_h += tl.dot(tl.trans(b_fc), b_vc, input_precision=PREC)
-            b_h += tl.dot(tl.trans(b_fw), b_vw, input_precision=PREC)
+            b_h += tl.dot(tl.trans(b_fc), b_vc, input_precision="ieee")
+            b_h += tl.dot(tl.trans(b_fw), b_vw, input_precision="ieee")
             b_s += tl.sum(b_fc, 0) + tl.sum(b_fw, 0)
             b_ref = place(b_ref, keep_c, slot_c, (LAM + w_slot).to(tl.int32), keep_w, slot_w, BL).to(tl.int32)
 
@@ -211,15 +218,15 @@ def lola_fwd_kernel_select(
 # ---------------------------------------------------------------------------------------------------
 
 @triton.jit
-def attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale, PREC: tl.constexpr):
+def attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale):
     """One FlashAttention step: logits of a key block, running max, rescaled numerator and denominator."""
-    b_a = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+    b_a = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * scale
     b_a = tl.where(mask, b_a, float('-inf'))
     b_m_new = tl.maximum(b_m, tl.max(b_a, 1))
     alpha = tl.exp(b_m - b_m_new)
     b_p = tl.exp(b_a - b_m_new[:, None])
     b_l = b_l * alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
     return b_m_new, b_l, b_acc
 
 
@@ -236,7 +243,7 @@ def lola_fwd_kernel_o(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BLK: tl.constexpr,
-    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr,
 ):
     i_tg, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_tg * 2).to(tl.int32)
@@ -273,7 +280,7 @@ def lola_fwd_kernel_o(
         ref = tl.load(cidx + (i_tg * H + i_h) * LAMP + o_lk, mask=o_lk < LAM, other=-1)
         b_k = load_refs(k, wk, ck, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, o_d, m_d)
         b_v = load_refs(v, wv, cv, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, o_v, m_v)
-        b_m, b_l, b_acc = attend(b_q, b_k, b_v, (ref >= 0)[None, :], b_m, b_l, b_acc, scale, PREC)
+        b_m, b_l, b_acc = attend(b_q, b_k, b_v, (ref >= 0)[None, :], b_m, b_l, b_acc, scale)
     # previous chunk W, then the current chunk, causally
     for i_w in tl.static_range(2):
         k_slot = (i_c + i_w) * ETA + o_t
@@ -281,13 +288,13 @@ def lola_fwd_kernel_o(
         b_k = load_grid(k, wk, k_slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_d, m_d)
         b_v = load_grid(v, wv, k_slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v)
         mask = valid[None, :] & ((i_w == 0) | (k_slot[None, :] <= q_slot[:, None]))
-        b_m, b_l, b_acc = attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale, PREC)
+        b_m, b_l, b_acc = attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale)
 
     # linear read-out of the chunk's snapshot
     b_h = tl.load(hs + ((i_tg * H + i_h) * F + o_f[:, None]) * DV + o_v[None, :],
                   mask=m_f[:, None] & m_v[None, :], other=0.).to(ACC)
     b_s = tl.load(ss + (i_tg * H + i_h) * F + o_f, mask=m_f, other=0.).to(ACC)
-    lin_num = tl.dot(b_fq, b_h, input_precision=PREC)
+    lin_num = tl.dot(b_fq, b_h, input_precision="ieee")
     lin_den = tl.sum(b_fq * b_s[None, :], 1)
     gamma = tl.load(gate + i_h).to(ACC)
     if MIX_LOLA:
@@ -306,22 +313,33 @@ def lola_fwd_kernel_o(
 # host side
 # ---------------------------------------------------------------------------------------------------
 
-def row_layout(B: int, T: int, attention_mask, cu_seqlens, device):
-    """``(first, lengths)``: each row's first token as a flat index into ``[B*T]``, and its token count.
+def row_layout(B: int, T: int, attention_mask, cu_seqlens, device, start: int = 0, stop: int | None = None):
+    """``(first, lengths)``: each row's first token in columns ``[start, stop)`` as a flat index into ``[B*T]``,
+    and its token count there.
 
     Rows are batch rows, or packed sequences with ``cu_seqlens``; a padded row is one contiguous block
     (left or right padding, as :func:`fla_lola.ops.utils.check_inputs` enforces), so it starts after its
-    leading zeros.
+    leading zeros, in any range of columns too.
     """
+    stop = T if stop is None else stop
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        cu = cu_seqlens.to(device=device, dtype=torch.long).clamp(start, stop)
         return cu[:-1], cu[1:] - cu[:-1]
-    rows = torch.arange(B, device=device, dtype=torch.long) * T
+    rows = torch.arange(B, device=device, dtype=torch.long) * T + start
     if attention_mask is None:
-        return rows, torch.full((B,), T, dtype=torch.long, device=device)
-    valid = (attention_mask != 0).long()
+        return rows, torch.full((B,), stop - start, dtype=torch.long, device=device)
+    valid = (attention_mask[:, start:stop] != 0).long()
     leading = (valid.cumsum(1) == 0).sum(1)
     return rows + leading, valid.sum(1)
+
+
+def segment_length(N: int, H: int, F: int, Dv: int, eta: int, lam: int, acc_bytes: int,
+                   budget: int | None = None) -> int:
+    """Tokens per row one prefill launch takes so its snapshots fit ``budget`` (whole chunks, at least one)."""
+    budget = SNAPSHOT_BUDGET if budget is None else budget
+    per_chunk = H * (F * (Dv + 1) * acc_bytes + max(lam, 1) * 4)
+    # a row's S tokens start mid-chunk at worst: S / η + 1 chunks
+    return eta * max(1, budget // max(1, N * per_chunk) - 1)
 
 
 def empty_state_like(q, k, v, fq, N, window_size, cache_size):
@@ -350,14 +368,36 @@ def chunk_lola_fwd(
     initial_state: LoLAState | None,
     output_final_state: bool,
 ) -> tuple[torch.Tensor, LoLAState | None]:
-    """Prefill of any length; shapes as in :func:`fla_lola.lola_attention`, tensors contiguous."""
+    """Prefill of any length; shapes as in :func:`fla_lola.lola_attention`, tensors contiguous.
+
+    Runs in segments of :func:`segment_length` tokens along T when the snapshots of one launch would exceed
+    :data:`SNAPSHOT_BUDGET`, each segment continuing the state of the one before.
+    """
+    B, T, H, D = q.shape
+    Dv, F = v.shape[3], fq.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    acc_bytes = torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size()
+    step = segment_length(N, H, F, Dv, window_size, cache_size, acc_bytes)
+    o = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=q.device)   # padding positions stay zero
+    state, final = initial_state, None
+    for start in range(0, max(T, 1), step):
+        stop = min(T, start + step)
+        first, lengths = row_layout(B, T, attention_mask, cu_seqlens, q.device, start, stop)
+        last = stop == T
+        final = chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale,
+                                       mix, state, output_final_state or not last)
+        state = final
+    return o, final
+
+
+def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale, mix,
+                           initial_state, output_final_state):
+    """One launch of both kernels for the rows' tokens ``first[r] ..< first[r] + lengths[r]``; writes ``o`` there."""
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
     eta, lam = window_size, cache_size
     dev = q.device
     acc = accumulation_dtype(q.dtype)
-
-    first, lengths = row_layout(B, T, attention_mask, cu_seqlens, dev)
     N = lengths.shape[0]
     state = initial_state if initial_state is not None else empty_state_like(q, k, v, fq, N, eta, lam)
     state = LoLAState(**{name: x.contiguous() for name, x in vars(state).items()})
@@ -375,11 +415,10 @@ def chunk_lola_fwd(
     hs = torch.empty(NT, H, F, Dv, dtype=acc, device=dev)
     ss = torch.empty(NT, H, F, dtype=acc, device=dev)
     cidx = torch.empty(NT, H, lamp, dtype=torch.int32, device=dev)
-    o = torch.zeros(B, T, H, Dv, dtype=q.dtype, device=dev)   # padding positions stay zero
     final = alloc_state_like(state) if output_final_state else None
     f = vars(final) if final is not None else {}
     consts = dict(H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, LAMP=lamp, BD=block(D), BV=block(Dv),
-                  BF=block(F), BT=block(eta), EPS=EPS, PREC=dot_precision(q.dtype), ACC=tl_acc(q.dtype))
+                  BF=block(F), BT=block(eta), EPS=EPS, ACC=tl_acc(q.dtype))
 
     if N * H > 0:
         lola_fwd_kernel_select[(N * H,)](
@@ -403,4 +442,4 @@ def chunk_lola_fwd(
         )
     if final is not None:
         final.seen = seen + lengths
-    return o, final
+    return final

@@ -3,13 +3,15 @@
 Applied once, on import of :mod:`fla_lola.kernels`, and **only** when the environment variable
 ``TRITON_INTERPRET`` is ``"1"``; on a GPU (variable unset) nothing here runs and Triton is untouched.
 
-Three things stop fla 0.6.0's kernels (and kernels written in fla's style) from running correctly in
-Triton 3.x's interpreter:
+Four things stop fla 0.6.0's kernels (and kernels written in fla's style) from running in Triton 3.x's
+interpreter the way they run on a GPU:
 
 1. **Autotuning.** With more than one config, :class:`triton.runtime.autotuner.Autotuner` benchmarks
    them through the active GPU driver, which the interpreter does not have ("0 active drivers").
-   Fix: :meth:`Autotuner.prune_configs` keeps only the first config that survives the kernel's own
-   pruning, so the autotuner takes its single-config path and benchmarks nothing.
+   Fix: :meth:`Autotuner.prune_configs` keeps one config of those that survive the kernel's own
+   pruning, so the autotuner takes its single-config path and benchmarks nothing. Which one is the
+   first by default; tests choose config *i* with :func:`use_config` so every config a GPU may pick
+   runs under the interpreter too, and :func:`launched_configs` records what ran.
 2. **Loop variables.** Compiled Triton turns ``for i in range(n)`` into a loop whose induction variable
    is a ``tl.tensor``; fla calls ``i.to(tl.int64)`` on it. The interpreter runs the kernel as plain
    Python, so ``i`` is a Python ``int`` without ``.to``. Fix: while a kernel runs,
@@ -21,25 +23,47 @@ Triton 3.x's interpreter:
    returns garbage (fp16 and fp8 are fine). Fix: bfloat16 operands are widened to float32 first (exact:
    the bf16 bits are the top half of the float32 bits), which is what a GPU's bf16 MMA computes: exact
    products accumulated in float32.
-
-All three patches are idempotent and can be removed with :func:`restore`.
+4. **TF32.** A GPU multiplies float32 ``tl.dot`` operands in TF32 (10-bit mantissa) unless the dot asks
+   for ``input_precision="ieee"`` (Triton's default is ``"tf32"``); the interpreter always multiplies in
+   float32, so a kernel that loses precision to TF32 on a GPU passed every interpreter test. Fix: float32
+   operands of a ``"tf32"`` dot are rounded to TF32 (round to nearest, ties away, like ``cvt.rna.tf32``)
+   before the product, so the interpreter shows the GPU's rounding.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import operator
 import os
 
 _APPLIED = False
-_ORIGINALS: dict = {}
 _MISSING = object()
+_CONFIG_INDEX = 0
+_LAUNCHED: list[tuple[str, str]] = []
 
 
 def interpreting() -> bool:
     """``True`` when Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def use_config(index: int):
+    """Test-only: autotuned kernels launched inside run their config ``index`` (modulo the number of configs
+    that survive the kernel's own pruning) instead of the first."""
+    global _CONFIG_INDEX
+    previous, _CONFIG_INDEX = _CONFIG_INDEX, int(index)
+    try:
+        yield
+    finally:
+        _CONFIG_INDEX = previous
+
+
+def launched_configs() -> list[tuple[str, str]]:
+    """``(kernel name, str(config))`` of every autotuned launch so far (test-only bookkeeping)."""
+    return list(_LAUNCHED)
 
 
 def _interpreter_range(*args):
@@ -63,8 +87,27 @@ def _widen_bf16(handle):
     return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
 
 
+def to_tf32(x):
+    """float32 numpy array rounded to TF32 (10 explicit mantissa bits), to nearest with ties away from zero."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    finite = np.isfinite(x)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(finite, rounded, x).astype(np.float32)
+
+
+def _round_tf32(handle, input_precision):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if handle.dtype.scalar != tl.float32 or 'TF32' != getattr(input_precision, 'name', str(input_precision)):
+        return handle
+    return interpreter.TensorHandle(to_tf32(handle.data), tl.float32)
+
+
 def apply() -> bool:
-    """Installs the three fixes if ``TRITON_INTERPRET=1``; returns whether they are active."""
+    """Installs the four fixes if ``TRITON_INTERPRET=1``; returns whether they are active."""
     global _APPLIED
     if _APPLIED:
         return True
@@ -73,12 +116,21 @@ def apply() -> bool:
     from triton.runtime import autotuner, interpreter
 
     original_prune = autotuner.Autotuner.prune_configs
+    original_run = autotuner.Autotuner.run
     original_call = interpreter.GridExecutor.__call__
     original_dot = interpreter.InterpreterBuilder.create_dot
 
     @functools.wraps(original_prune)
     def prune_configs(self, kwargs):
-        return list(original_prune(self, kwargs))[:1]
+        configs = list(original_prune(self, kwargs))
+        config = configs[_CONFIG_INDEX % len(configs)]
+        _LAUNCHED.append((getattr(self.base_fn, '__name__', '?'), str(config)))
+        return [config]
+
+    @functools.wraps(original_run)
+    def run(self, *args, **kwargs):
+        self.cache.clear()  # choose again at every launch: use_config may have changed
+        return original_run(self, *args, **kwargs)
 
     @functools.wraps(original_call)
     def call(self, *args, **kwargs):
@@ -94,27 +146,14 @@ def apply() -> bool:
                 env["range"] = previous
 
     @functools.wraps(original_dot)
-    def create_dot(self, a, b, d, *args, **kwargs):
-        return original_dot(self, _widen_bf16(a), _widen_bf16(b), d, *args, **kwargs)
+    def create_dot(self, a, b, d, input_precision, *args, **kwargs):
+        a, b = _widen_bf16(a), _widen_bf16(b)
+        a, b = _round_tf32(a, input_precision), _round_tf32(b, input_precision)
+        return original_dot(self, a, b, d, input_precision, *args, **kwargs)
 
-    _ORIGINALS["prune"] = original_prune
-    _ORIGINALS["call"] = original_call
-    _ORIGINALS["dot"] = original_dot
     autotuner.Autotuner.prune_configs = prune_configs
+    autotuner.Autotuner.run = run
     interpreter.GridExecutor.__call__ = call
     interpreter.InterpreterBuilder.create_dot = create_dot
     _APPLIED = True
     return True
-
-
-def restore() -> None:
-    """Undoes :func:`apply`."""
-    global _APPLIED
-    if not _APPLIED:
-        return
-    from triton.runtime import autotuner, interpreter
-
-    autotuner.Autotuner.prune_configs = _ORIGINALS.pop("prune")
-    interpreter.GridExecutor.__call__ = _ORIGINALS.pop("call")
-    interpreter.InterpreterBuilder.create_dot = _ORIGINALS.pop("dot")
-    _APPLIED = False

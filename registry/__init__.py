@@ -24,12 +24,16 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
+import fla
+import transformers
 from fla.models import modeling_utils
 from fla.models.configuration_utils import get_attention_spec
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from fla_lola.cache_names import GENERATE_CACHE_NAME
 from fla_lola.layers.lola import DEFAULT_WINDOW_FACTOR_INIT, LoLAAttention, check_lola_settings
 from fla_lola.models.lola import LoLAConfig, LoLAForCausalLM, LoLAModel
 
@@ -56,6 +60,13 @@ def build_lola_from_spec(config, spec: dict, layer_idx: int) -> LoLAAttention:
         backend=spec.get('backend', 'auto'),
     )
     check_lola_settings(**settings, context=f"attn spec of type 'lola' at layer {layer_idx}")
+    if GENERATE_CACHE_NAME != 'past_key_values':
+        warnings.warn(
+            f"transformers {transformers.__version__} passes the generation cache as `cache=`, which fla's own model "
+            f"classes (fla {fla.__version__}) do not read: `generate` on {type(config).__name__} would restart every "
+            "decode step from an empty state. Forward passes and decoding with `past_key_values=` passed by hand are "
+            "exact; for `generate` use transformers < 5.24 or LoLAForCausalLM.", UserWarning, stacklevel=2,
+        )
     return LoLAAttention(
         hidden_size=config.hidden_size,
         qkv_bias=spec.get('qkv_bias', False),

@@ -109,3 +109,36 @@ def assert_states_equal(a: LoLAState, b: LoLAState, atol=1e-10, rtol=1e-10):
         x, y = getattr(a, name), getattr(b, name)
         assert x.shape == y.shape and x.dtype == y.dtype, name
         torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f'{name}: {m}')
+
+
+def assert_canonical(state: LoLAState):
+    """The cache layout every backend must produce (independent of ``check_state``): valid slots first, in strictly
+    ascending position below ``seen``; empty slots hold position -1 and zeros."""
+    pos = state.cache_pos
+    valid = pos >= 0
+    n = valid.sum(-1, keepdim=True)
+    slot = torch.arange(pos.shape[-1])
+    assert torch.equal(valid, slot < n), pos                        # valid prefix
+    assert ((pos[..., 1:] > pos[..., :-1]) | ~valid[..., 1:]).all(), pos
+    assert (pos[valid] < state.seen[:, None, None].expand_as(pos)[valid]).all(), (pos, state.seen)
+    assert (pos[~valid] == -1).all(), pos
+    for name in ('cache_k', 'cache_v', 'cache_fk'):
+        assert (getattr(state, name)[~valid] == 0).all(), name
+
+
+def assert_bounded_state(state: LoLAState, p: Problem):
+    """A state after any stream: its byte count is the closed form of its fixed capacity, its cache holds exactly
+    min(λ, η × boundaries passed) pairs (each boundary after the first complete chunk brings the η pairs of ``W``
+    as candidates, and nothing leaves the cache without a better candidate), in the canonical layout."""
+    N, H, Hkv, D = state.seen.shape[0], p.q.shape[2], p.k.shape[2], p.q.shape[3]
+    Dv, F, eta, lam = p.v.shape[3], p.fq.shape[3], p.window_size, p.cache_size
+    es, acc = p.q.element_size(), (8 if p.q.dtype == torch.float64 else 4)
+    per_row = (H * F * (Dv + 1) * acc                        # h, s
+               + H * lam * ((D + Dv + F) * es + 8)           # cache_k, cache_v, cache_fk, cache_pos
+               + 2 * eta * (Hkv * (D + Dv) + H * F) * es     # window_k, window_v, window_fk
+               + 8)                                          # seen
+    assert state.nbytes() == N * per_row, (state.nbytes(), N * per_row)
+    boundaries = (state.seen // eta - 1).clamp(min=0)
+    expected = torch.minimum(boundaries * eta, torch.tensor(lam))
+    assert torch.equal((state.cache_pos >= 0).sum(-1), expected[:, None].expand(N, H)), (state.cache_pos, state.seen)
+    assert_canonical(state)

@@ -86,3 +86,36 @@ def test_the_cu_seqlens_state_needs_one_row_per_sequence():
     with pytest.raises(ValueError, match='`initial_state`'):
         lola_attention(*x, window_size=2, cache_size=2, cu_seqlens=torch.tensor([0, 2, 6]),
                        initial_state=LoLAState.empty(1, 2, 1, 4, 3, 3, 2, 2))
+
+
+def broken(edit):
+    """A state of P after 6 tokens (λ = 2 full, η = 2) with one edit that breaks its canonical layout."""
+    _, state = lola_attention(*P.tensors, **P.options, output_final_state=True)
+    state = state.clone()
+    edit(state)
+    return state
+
+
+LAYOUT_CASES = [
+    ('cache_pos', lambda s: s.cache_pos.copy_(s.cache_pos.flip(-1))),                  # descending positions
+    ('cache_pos', lambda s: s.cache_pos[..., 0].fill_(-1)),                            # empty slot before a valid one
+    ('cache_pos', lambda s: s.cache_pos[..., 1].copy_(s.cache_pos[..., 0])),           # a position twice
+    ('cache_pos', lambda s: s.cache_pos[0, 0, 1].fill_(6)),                            # a position not yet seen
+    ('cache_pos', lambda s: s.cache_pos[1, 1, 1].fill_(-2)),
+    ('cache_k', lambda s: (s.cache_pos[0, 1, 1].fill_(-1), s.cache_v[0, 1, 1].zero_(), s.cache_fk[0, 1, 1].zero_())),
+    ('cache_v', lambda s: (s.cache_pos[1, 0, 1].fill_(-1), s.cache_k[1, 0, 1].zero_(), s.cache_fk[1, 0, 1].zero_())),
+    ('cache_fk', lambda s: (s.cache_pos[1, 0, 1].fill_(-1), s.cache_k[1, 0, 1].zero_(), s.cache_v[1, 0, 1].zero_())),
+    ('seen', lambda s: s.seen[0].fill_(-1)),
+]
+
+
+@pytest.mark.parametrize('backend', ['naive', 'torch'])
+@pytest.mark.parametrize('field, edit', LAYOUT_CASES)
+def test_a_state_off_the_canonical_layout_is_refused_naming_the_field(backend, field, edit):
+    """Every backend relies on the canonical cache layout (valid slots first, ascending positions, empty slots -1 and
+    zero), whichever backend made the state: a state that breaks it is refused before any work, unchanged."""
+    state = broken(edit)
+    before = state.clone()
+    with pytest.raises(ValueError, match=rf'initial_state.*field {field}\b'):
+        lola_attention(*P.tensors, **P.options, initial_state=state, backend=backend)
+    assert_states_equal(state, before, atol=0, rtol=0)

@@ -148,8 +148,9 @@ def test_conversion_copies_shapes_and_initializes_as_lolcats():
         bound = (6 / (16 * 32)) ** 0.5  # kaiming_uniform_ on [H, D, f]
         assert layer.feature_map_q.weight.abs().max() <= bound
         torch.testing.assert_close(layer.gate, torch.full((4,), 0.1))
-    with pytest.raises(ValueError, match="rope_type"):
-        convert_to_lola(tiny("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        convert_to_lola(tiny("llama", rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                       "partial_rotary_factor": 0.5}))
 
 
 # ---------------------------------------------------------------- attention transfer

@@ -1,4 +1,4 @@
-"""The Triton backend computes the reference (LOLA_SPEC.md): every property checked against the naive loop in float64.
+"""The Triton backend computes the reference (docs/SPEC.md): every property checked against the naive loop in float64.
 
 Runs on CUDA tensors when a GPU is present, else on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), and is
 skipped otherwise. The interpreter runs each program of a launch as Python, so its cost grows with the number of
@@ -18,7 +18,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from lola_problems import Problem, assert_states_equal, make_problem, padding_mask, split_points
+from lola_problems import (Problem, assert_bounded_state, assert_states_equal, make_problem, padding_mask,
+                           split_points)
 
 from fla_lola import LoLAState, lola_attention, naive_lola_attention
 
@@ -156,6 +157,7 @@ def test_streaming_split_is_invariant(p, data, backends):
     state, outs = None, []
     for i, (a, b) in enumerate(zip(points[:-1], points[1:])):
         o, state = run(p, backends[i % 2], tensors=p.slice(a, b), initial_state=state, output_final_state=True)
+        assert_bounded_state(state, p)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), o_ref, atol=ATOL, rtol=RTOL)
     assert_states_equal(state, s_ref, atol=ATOL, rtol=RTOL)
@@ -203,6 +205,149 @@ def test_padded_rows_equal_each_row_alone(p, kept, left, decode):
         o_alone, s_alone = run(p, 'naive', tensors=alone, output_final_state=True)
         torch.testing.assert_close(o[b:b + 1, keep], o_alone, atol=ATOL, rtol=RTOL)
         assert_states_equal(state.index_select(torch.tensor([b])), s_alone, atol=ATOL, rtol=RTOL)
+
+
+# ---- 3b. what a GPU runs that the first-config interpreter never did -----------------------------------------
+
+def kernels():
+    from fla_lola.kernels import interpret
+    from fla_lola.kernels.chunk import lola_fwd_kernel_o, lola_fwd_kernel_select
+    return interpret, (lola_fwd_kernel_select, lola_fwd_kernel_o)
+
+
+@pytest.mark.skipif(not INTERPRET, reason='selects autotune configs through the interpreter shim')
+def test_every_autotune_config_matches_naive():
+    """Each kernel once per config it can autotune to (``BLK`` 64 and 32 over the cache, 4 and 8 warps), with λ = 70
+    spanning three 32-blocks and η = 40 spanning two: prefill outputs and state equal the naive loop."""
+    interpret, fns = kernels()
+    p = make_problem(4, B=1, T=4 * 40 + 7, H=2, Hkv=1, D=8, Dv=8, F=8, window_size=40, cache_size=70,
+                     logit_scale=4.0)
+    o_ref, s_ref = run(p, 'naive', output_final_state=True)
+    assert int((s_ref.cache_pos >= 0).sum(-1).min()) == 70             # the cache is full: every block is read
+    from triton.runtime.autotuner import Autotuner
+
+    tuners = [fn if isinstance(fn, Autotuner) else fn.fn for fn in fns]       # (under @triton.heuristics)
+    configs = {tuner.base_fn.__name__: {str(c) for c in tuner.configs} for tuner in tuners}
+    ran = len(interpret.launched_configs())
+    for i in range(max(len(c) for c in configs.values())):
+        with interpret.use_config(i):
+            o, s = run(p, 'triton', output_final_state=True)
+        torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
+        assert_states_equal(s, s_ref, atol=ATOL, rtol=RTOL)
+    launched = {}
+    for name, config in interpret.launched_configs()[ran:]:
+        launched.setdefault(name, set()).add(config)
+    assert launched == configs
+
+
+@pytest.mark.parametrize('D, F', [(64, 128), (128, 256)])
+def test_realistic_shapes_match_the_torch_backend(D, F):
+    """D = Dv = 64, F = 128 (and 128 / 256), η = λ = 64, GQA, 4 boundaries and a partial chunk: the prefill kernels
+    then the decode kernel across a boundary, in float64 against the torch backend (itself pinned to the naive
+    loop by tests/test_ops.py), outputs and state."""
+    eta = 64
+    T = 6 * eta + 2
+    p = make_problem(6, B=1, T=T, H=2, Hkv=1, D=D, Dv=D, F=F, window_size=eta, cache_size=eta)
+    o_ref, s_ref = run(p, 'torch', output_final_state=True)
+    o, state = run(p, 'triton', tensors=p.slice(0, T - 3), output_final_state=True)
+    outs = [o]
+    for t in range(T - 3, T):                                          # the boundary at 6η is the second step
+        o, state = run(p, 'triton', tensors=p.slice(t, t + 1), initial_state=state, output_final_state=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), o_ref, atol=ATOL, rtol=RTOL)
+    assert_states_equal(state, s_ref, atol=ATOL, rtol=RTOL)
+    assert int((state.cache_pos >= 0).sum(-1).min()) == eta
+
+
+def near_tie_problem(dtype=torch.bfloat16, T=40, eta=4, lam=4, H=2, F=16, D=16, delta=1e-5):
+    """Inputs whose self-recall scores tie to a relative ``delta`` (1e-5: far above float32 rounding, far below
+    TF32's 2^-11). Candidates have zero values and one-hot key features ``e_i`` (exact in bf16), so a candidate's
+    score is ``‖H[i]‖ / (s[i] + ε)``; the initial memory has rows of norm ``1 + delta · rank`` and ``s = 1``."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, T, H, D, generator=g).to(dtype)
+    k = torch.randn(1, T, 1, D, generator=g).to(dtype)
+    v = torch.zeros(1, T, 1, D, dtype=dtype)
+    fq = torch.softmax(torch.randn(1, T, H, F, generator=g), -1).to(dtype)
+    fk = torch.zeros(1, T, H, F, dtype=dtype)
+    for h in range(H):
+        fk[0, torch.arange(T), h, torch.randperm(F, generator=g)[torch.arange(T) % F]] = 1
+    gate = torch.full((H,), 0.5, dtype=torch.float64)
+    state = LoLAState.empty(1, H, 1, D, D, F, eta, lam, dtype=dtype)
+    rows = torch.randn(1, H, F, D, generator=g, dtype=torch.float64)
+    norms = 1 + delta * torch.stack([torch.randperm(F, generator=g) for _ in range(H)]).double()
+    state.h = (rows / rows.norm(dim=-1, keepdim=True) * norms[None, :, :, None]).float()
+    state.s = torch.ones(1, H, F)
+    state.seen = torch.tensor([eta])
+    return Problem(q, k, v, fq, fk, gate, eta, lam), state
+
+
+def test_near_ties_select_what_torch_selects():
+    """bf16 inputs with selection scores tied to 1e-5: a Triton prefill keeps the pairs the torch backend keeps, and
+    torch decode steps after it end where torch alone ends. The memory, ``s`` and the score are IEEE float32 products
+    in the kernels; the interpreter rounds ``"tf32"`` dots as a GPU does, so a TF32 score fails here."""
+    p, state0 = near_tie_problem()
+    T, n = p.q.shape[1], 6
+    _, torch_prefill = run(p, 'torch', tensors=p.slice(0, T - n), initial_state=state0, output_final_state=True)
+    _, state = run(p, 'triton', tensors=p.slice(0, T - n), initial_state=state0, output_final_state=True)
+    assert torch.equal(state.cache_pos, torch_prefill.cache_pos)
+    for t in range(T - n, T):
+        _, state = run(p, 'torch', tensors=p.slice(t, t + 1), initial_state=state, output_final_state=True)
+    _, alone = run(p, 'torch', initial_state=state0, output_final_state=True)
+    assert torch.equal(state.cache_pos, alone.cache_pos)
+
+
+@pytest.mark.parametrize('split', ['prefill', 'decode steps'])
+def test_exact_ties_keep_the_earliest_positions(split):
+    """Every token the same pair (k, v, φk): every boundary's scores tie exactly, so the cache keeps positions
+    0 .. λ-1 for good, by the spec's rule (ties to the earlier position), in the prefill and in the decode kernel."""
+    eta, lam, T = 4, 6, 30
+    p = make_problem(7, B=1, T=T, H=2, Hkv=1, D=4, Dv=4, F=4, window_size=eta, cache_size=lam)
+    for x in (p.k, p.v, p.fk):
+        x.copy_(x[:, :1].expand_as(x))
+    if split == 'prefill':
+        _, state = run(p, 'triton', output_final_state=True)
+    else:
+        _, state = run(p, 'triton', tensors=p.slice(0, 2 * eta - 1), output_final_state=True)
+        for t in range(2 * eta - 1, T):
+            _, state = run(p, 'triton', tensors=p.slice(t, t + 1), initial_state=state, output_final_state=True)
+    assert state.cache_pos.tolist() == [[list(range(lam))] * 2]
+
+
+@pytest.mark.parametrize('layout', ['left', 'right', 'packed'])
+def test_prefill_in_segments_equals_one_launch(layout):
+    """A prefill whose snapshots exceed ``SNAPSHOT_BUDGET`` runs as segments of whole chunks, each continuing the last
+    one's state: here one chunk per segment (budget 1 byte), with padding or packed sequences crossing segments."""
+    from unittest import mock
+
+    import fla_lola.kernels.chunk as chunk
+
+    p = make_problem(1, B=2, T=23, H=2, Hkv=1, D=3, Dv=2, F=4, window_size=3, cache_size=2)
+    kw = {}
+    if layout == 'packed':
+        p = Problem(*[x[:1] for x in p.tensors[:5]], p.gate, p.window_size, p.cache_size)
+        kw['cu_seqlens'] = torch.tensor([0, 4, 4, 15, 23])
+    else:
+        kw['attention_mask'] = padding_mask(23, [0.8, 0.3], left=layout == 'left')
+    o_ref, s_ref = run(p, 'torch', output_final_state=True, **kw)
+    kw = {name: x.to(DEVICE) for name, x in kw.items()}
+    with mock.patch.object(chunk, 'SNAPSHOT_BUDGET', 1), \
+            mock.patch.object(chunk, 'chunk_lola_fwd_segment', wraps=chunk.chunk_lola_fwd_segment) as segment:
+        o, s = run(p, 'triton', output_final_state=True, **kw)
+    assert segment.call_count == 8                                     # ceil(23 / η)
+    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
+    assert_states_equal(s, s_ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.skipif(not INTERPRET, reason='counts host calls on CPU')
+def test_decode_step_through_the_model_never_waits_for_the_device():
+    """The CUDA decode path (layer, op without re-validation, Triton step kernel): no GPU -> CPU sync in one decode
+    step after a padded prefill. The interpreter's kernel launch (which runs the kernel on the host) is excluded."""
+    from test_models import decode_step_syncs
+    from triton.runtime import interpreter
+
+    prefill, decode = decode_step_syncs('triton', exclude=[(interpreter.GridExecutor, '__call__')])
+    assert sum(prefill.values()) > 0
+    assert not decode, dict(decode)
 
 
 # ---- 4. low precision ------------------------------------------------------------------------------------
@@ -321,4 +466,6 @@ def test_gpu_benchmark_smoke_mode_writes_valid_json(tmp_path):
     for r in result['rows']:
         assert r['ms'] > 0 and r['T'] > 0, r
     assert all({'name', 'value', 'met'} <= set(t) for t in result['targets'])
+    assert [m['cache_size'] for m in result['memory']] == result['config']['cache_sizes']
+    assert all(m['state_bytes'] > 0 and m['snapshot_bytes_per_token'] > 0 for m in result['memory'])
     assert png.stat().st_size > 0

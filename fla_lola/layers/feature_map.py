@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from transformers import initialization as init
 
 
 class LoLCATsFeatureMap(nn.Module):
@@ -42,9 +43,11 @@ class LoLCATsFeatureMap(nn.Module):
 
     def reset_parameters(self) -> None:
         """LoLCATs' identity initialization: ``W_h = I[:head_dim, :feature_dim]`` for every head."""
+        # transformers' guarded init: a no-op on a weight `from_pretrained` already loaded (some transformers 5.x
+        # call `_init_weights` after loading; a plain copy_ would silently reset loaded feature maps)
+        eye = torch.eye(self.head_dim, self.feature_dim, dtype=torch.float32, device=self.weight.device)
         with torch.no_grad():
-            eye = torch.eye(self.head_dim, self.feature_dim, dtype=torch.float32, device=self.weight.device)
-            self.weight.copy_(eye.expand_as(self.weight))
+            init.copy_(self.weight, eye.expand_as(self.weight))
 
     @property
     def output_dim(self) -> int:

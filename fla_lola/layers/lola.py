@@ -9,8 +9,11 @@ import torch.nn as nn
 from fla.layers.utils import get_layer_cache, update_layer_cache
 from fla.modules import RotaryEmbedding
 from fla.modules.rotary.ops import rotate_half
+from transformers import initialization as init
 
+from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import LoLCATsFeatureMap
+from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init, rope_type_of
 from fla_lola.ops import LoLAState, lola_attention
 
 if TYPE_CHECKING:
@@ -65,6 +68,44 @@ def check_lola_settings(
         raise ValueError(f"{context}: `backend` must be one of {BACKENDS}, got {backend!r}")
 
 
+def refuse_continuation_without_state(q_len: int, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
+    """``ValueError`` if the call says that tokens came before it while the layer holds no state for them.
+
+    Signals: an ``attention_mask`` longer than the ``q_len`` new tokens with a real token in its earlier columns
+    (what ``generate`` passes at every decode step), a positive ``cache_position`` or ``seqlen_offset``, or
+    ``position_ids`` whose first real token of a row is past 0. Continuing would restart from an empty memory and
+    return wrong tokens without any error, so it is refused. Runs only when there is no state (no decode-step cost).
+    """
+
+    def refuse(name, first):
+        raise ValueError(
+            f"LoLAAttention: `{name}` says this call continues a sequence ({first} token(s) came before), but the "
+            "layer has no state for them: pass the cache that holds the earlier tokens as `past_key_values` (filled "
+            "with `use_cache=True`). Without it decoding would restart from an empty memory."
+        )
+
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[-1] > q_len:
+        earlier = int(attention_mask[:, :-q_len].sum(-1).max())
+        if earlier > 0:
+            refuse('attention_mask', earlier)
+    for name in ('cache_position', 'seqlen_offset'):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.numel():
+            value = int(value.min())
+        if isinstance(value, int) and value > 0:
+            refuse(name, value)
+    position_ids = kwargs.get('position_ids')
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        position_ids = position_ids.reshape(-1, position_ids.shape[-1])
+        real = torch.ones_like(position_ids, dtype=torch.bool)
+        if attention_mask is not None and attention_mask.shape[-1] >= q_len:
+            real = attention_mask[:, -q_len:].bool().reshape(position_ids.shape)  # padding carries any position
+        first = position_ids.masked_fill(~real, torch.iinfo(position_ids.dtype).max).min(-1).values
+        first = first[real.any(-1)]
+        if first.numel() and int(first.max()) > 0:
+            refuse('position_ids', int(first.max()))
+
+
 class LoLAAttention(nn.Module):
     r"""LoLA attention (McDermott et al., 2025): sliding window + sparse cache + linear memory.
 
@@ -103,6 +144,9 @@ class LoLAAttention(nn.Module):
         selection: str = 'sre',
         rope_theta: float = 10000.,
         max_position_embeddings: int | None = None,
+        rope_parameters: dict | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
         window_factor_init: float = DEFAULT_WINDOW_FACTOR_INIT,
         backend: str = 'auto',
         layer_idx: int | None = None,
@@ -120,6 +164,7 @@ class LoLAAttention(nn.Module):
                             selection=selection, backend=backend, context='LoLAAttention')
         if head_dim % 2 != 0:
             raise ValueError(f"LoLAAttention: `head_dim` must be even for rotary embeddings, got {head_dim}")
+        check_rope_parameters(rope_parameters, context='LoLAAttention')
 
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -134,6 +179,8 @@ class LoLAAttention(nn.Module):
         self.selection = selection
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
+        self.rope_parameters = rope_parameters
+        self.qk_norm = qk_norm
         self.window_factor_init = window_factor_init
         self.backend = backend
         self.layer_idx = layer_idx
@@ -142,20 +189,29 @@ class LoLAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.rotary = RotaryEmbedding(dim=head_dim, base=rope_theta)
+        if rope_type_of(rope_parameters) == 'default':  # plain RoPE: fla's own tables (transformers' equal them)
+            self.rotary = RotaryEmbedding(dim=head_dim, base=(rope_parameters or {}).get('rope_theta', rope_theta))
+        else:  # a converted teacher's scaled RoPE: transformers' tables, served through fla's rotary module
+            self.rotary = ScaledRotaryEmbedding(*rope_init(rope_parameters, head_dim, rope_theta,
+                                                           max_position_embeddings))
+        if qk_norm:  # Qwen3: RMSNorm over each head of q and k, before RoPE
+            self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps)
         self.feature_map_q = LoLCATsFeatureMap(num_heads, head_dim, feature_dim)
         self.feature_map_k = LoLCATsFeatureMap(num_heads, head_dim, feature_dim)
         self.window_factors = nn.Parameter(torch.full((num_heads,), float(window_factor_init)))
 
     def reset_parameters(self) -> None:
         """Reset the mixing logits (fla's ``_init_weights`` calls this; projections are initialized as Linear)."""
-        with torch.no_grad():
-            self.window_factors.fill_(float(self.window_factor_init))
+        with torch.no_grad():   # guarded: leaves logits that `from_pretrained` loaded untouched
+            init.constant_(self.window_factors, float(self.window_factor_init))
 
     @property
     def gate(self) -> torch.Tensor:
-        """``γ = sigmoid(window_factors)``, ``[num_heads]``, computed in float32 so bf16 logits never round to 1."""
-        return torch.sigmoid(self.window_factors.float())
+        """``γ = sigmoid(window_factors)``, ``[num_heads]``, in float32 at least (bf16 logits never round to 1), in
+        float64 for a float64 layer."""
+        w = self.window_factors
+        return torch.sigmoid(w.to(torch.promote_types(w.dtype, torch.float32)))
 
     def empty_state(self, batch_size: int, dtype: torch.dtype | None = None, device=None) -> LoLAState:
         """A state that has seen no token, for ``batch_size`` rows."""
@@ -179,25 +235,33 @@ class LoLAAttention(nn.Module):
         Returns ``(o, None, past_key_values)`` with ``o`` ``[B, T, hidden_size]``.
         """
         batch_size, q_len, _ = hidden_states.shape
+        refuse_stray_cache(kwargs, where='LoLAAttention', reads='`past_key_values`')
+        last_state = get_layer_cache(self, past_key_values)
+        state = last_state['recurrent_state'] if last_state is not None else None
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("LoLAAttention: `attention_mask` must be a [batch_size, seq_len] 0/1 padding mask, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        if state is None:
+            refuse_continuation_without_state(q_len, attention_mask, kwargs)
         if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                raise ValueError("LoLAAttention: `attention_mask` must be a [batch_size, seq_len] 0/1 padding mask, "
-                                 f"got shape {tuple(attention_mask.shape)}")
             attention_mask = attention_mask[:, -q_len:]
-            if bool(attention_mask.all()):
+            if q_len > 1 and bool(attention_mask.all()):   # (a decode step keeps its mask: no host sync)
                 attention_mask = None
         cu_seqlens = kwargs.get('cu_seqlens')
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError("LoLAAttention: pass either `cu_seqlens` or a padding `attention_mask`, not both")
 
-        last_state = get_layer_cache(self, past_key_values)
-        state = last_state['recurrent_state'] if last_state is not None else None
-
         q = self.q_proj(hidden_states).view(batch_size, q_len, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch_size, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch_size, q_len, self.num_kv_heads, self.head_dim)
 
-        q, k = self.apply_rotary(q, k, state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        # A decode step continuing a sequence is the steady state: it must not wait on the device (no `.item()`,
+        # no value-dependent branch). Its inputs were validated with the sequence's first call; the rotary table
+        # is sized from the host-side token count of the cache instead of the positions' maximum.
+        steady = state is not None and q_len == 1 and cu_seqlens is None
+        max_seqlen = past_key_values.get_seq_length(self.layer_idx) + q_len if steady else None
+        q, k = self.apply_rotary(q, k, state=state, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
+                                 max_seqlen=max_seqlen)
 
         k_rep = k if self.num_kv_groups == 1 else k.repeat_interleave(self.num_kv_groups, dim=2)
         fq = self.feature_map_q(q)
@@ -215,6 +279,7 @@ class LoLAAttention(nn.Module):
             initial_state=state,
             output_final_state=keep_state,
             backend=self.backend,
+            validate=not steady,
         )
         if keep_state:
             update_layer_cache(self, past_key_values, recurrent_state=final_state, offset=q_len)
@@ -260,15 +325,25 @@ class LoLAAttention(nn.Module):
         state: LoLAState | None = None,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.LongTensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate ``q`` ``[B, T, H, D]`` and ``k`` ``[B, T, Hkv, D]`` at :meth:`positions`.
 
+        With ``qk_norm`` (Qwen3) each head of ``q`` and ``k`` is first RMS-normalized (``q_norm``, ``k_norm``).
         On accelerators this calls fla's Triton rotary kernel with per-row offsets (``seen`` minus the row's
-        leading padding); on CPU it applies the same tables with fla's reference formula, in float32.
+        leading padding); on CPU it applies the same cos/sin tables (``self.rotary``'s: a converted teacher's
+        scaled RoPE included) with fla's reference formula, in float32 or ``q``'s dtype if wider.
+
+        ``max_seqlen``: a host-side bound on every row's ``T + offset`` (all positions are below it); without it
+        the bound is read from the positions on the device, which waits for them.
         """
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         batch_size, q_len = q.shape[:2]
         pos = self.positions(batch_size, q_len, q.device, state, attention_mask, cu_seqlens)
-        max_seqlen = int(pos.max()) + 1 if pos.numel() else 1
+        hinted = max_seqlen is not None
+        if not hinted:
+            max_seqlen = int(pos.max()) + 1 if pos.numel() else 1
         if self.max_position_embeddings is not None:
             max_seqlen = max(max_seqlen, self.max_position_embeddings)
         if q.device.type != 'cpu':
@@ -281,18 +356,20 @@ class LoLAAttention(nn.Module):
             else:
                 offsets = state.seen.to(q.device) if state is not None else 0
             # fla checks `T + offset <= table length` for every row, padded tail included
-            max_offset = int(offsets.max()) if isinstance(offsets, torch.Tensor) and offsets.numel() else 0
-            max_seqlen = max(max_seqlen, q_len + max_offset)
+            if not hinted:
+                max_offset = int(offsets.max()) if isinstance(offsets, torch.Tensor) and offsets.numel() else 0
+                max_seqlen = max(max_seqlen, q_len + max_offset)
             return self.rotary(q, k, seqlen_offset=offsets, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
 
         self.rotary._update_cos_sin_cache(max_seqlen, device=q.device, dtype=q.dtype)
-        cos = self.rotary._cos_cached[pos].float()   # [B, T, D/2]
-        sin = self.rotary._sin_cached[pos].float()
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        cos = self.rotary._cos_cached[pos].to(dtype)   # [B, T, D/2]
+        sin = self.rotary._sin_cached[pos].to(dtype)
         cos = torch.cat([cos, cos], dim=-1)[:, :, None]
         sin = torch.cat([sin, sin], dim=-1)[:, :, None]
 
         def rotate(x):
-            xf = x.float()
+            xf = x.to(dtype)
             return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
         return rotate(q), rotate(k)
@@ -303,4 +380,4 @@ class LoLAAttention(nn.Module):
                 f"mix={self.mix!r}, selection={self.selection!r}, backend={self.backend!r}")
 
 
-__all__ = ['LoLAAttention', 'check_lola_settings', 'MIXES', 'SELECTIONS', 'BACKENDS']
+__all__ = ['LoLAAttention', 'check_lola_settings', 'refuse_continuation_without_state', 'MIXES', 'SELECTIONS', 'BACKENDS']

@@ -38,7 +38,7 @@ def lola_attention(
 ) -> tuple[torch.Tensor, LoLAState | None]:
     r"""LoLA attention: sliding window + sparse cache (exact softmax) + linear memory, one normalizer.
 
-    Computes exactly what ``LOLA_SPEC.md`` defines, for every backend.
+    Computes exactly what ``docs/SPEC.md`` defines, for every backend.
 
     Args:
         q (torch.Tensor): queries of shape ``[B, T, H, D]``.
@@ -65,8 +65,10 @@ def lola_attention(
         output_final_state (bool): whether to return the state after this call.
         backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
             ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
-        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range). Shapes are
-            always checked; a decode loop over trusted inputs may turn this off.
+        validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range) and the canonical
+            cache layout of ``initial_state``; these checks read values back to the host (a GPU sync). Shapes are
+            always checked; a decode loop over trusted inputs may turn this off (:class:`LoLAAttention` validates
+            a sequence's first call and runs its single-token continuations without).
 
     Returns:
         o (torch.Tensor): ``[B, T, H, Dv]`` in the dtype of ``q``, zero at padding.

@@ -1,4 +1,4 @@
-"""The LoLA reference: ``../shared/LOLA_SPEC.md`` token by token, a loop anyone can read against it.
+"""The LoLA reference: ``docs/SPEC.md`` token by token, a loop anyone can read against it.
 
 Slow on purpose (Python loops over rows, heads and tokens). Every faster backend is tested against it.
 It computes in float32, or in float64 when the inputs are float64.

@@ -158,7 +158,8 @@ def check_inputs(
                 _fail('attention_mask', "each row must be left- or right-padded (one contiguous block of ones)")
 
     if initial_state is not None:
-        check_state(initial_state, N, H, Hkv, D, v.shape[3], F, window_size, cache_size, q.dtype, q.device)
+        check_state(initial_state, N, H, Hkv, D, v.shape[3], F, window_size, cache_size, q.dtype, q.device,
+                    validate=validate)
 
     if validate:
         for name, x in (('q', q), ('k', k), ('v', v), ('fq', fq), ('fk', fk), ('gate', gate)):
@@ -177,7 +178,14 @@ def check_inputs(
     return float(scale)
 
 
-def check_state(state: LoLAState, N, H, Hkv, D, Dv, F, window_size, cache_size, dtype, device):
+def check_state(state: LoLAState, N, H, Hkv, D, Dv, F, window_size, cache_size, dtype, device, validate=True):
+    """Raises ``ValueError`` naming ``initial_state`` and the offending field unless ``state`` fits the call.
+
+    Shapes, dtypes and devices are always checked. With ``validate=True`` the cache must also be in the
+    canonical layout every backend produces and relies on (:class:`LoLAState`): valid slots first, in strictly
+    ascending position, before ``seen``; empty slots with position -1 and zero contents. One fused pass over the
+    cache and one device-to-host transfer.
+    """
     if not isinstance(state, LoLAState):
         _fail('initial_state', f"expected a LoLAState, got {type(state).__name__}")
     want = dict(batch_size=N, num_heads=H, num_kv_heads=Hkv, head_dim=D, value_dim=Dv, feature_dim=F,
@@ -201,6 +209,36 @@ def check_state(state: LoLAState, N, H, Hkv, D, Dv, F, window_size, cache_size, 
     if state.dtype != dtype or state.h.dtype != accumulation_dtype(dtype):
         _fail('initial_state', f"holds {state.dtype} slots and {state.h.dtype} memory; inputs of dtype {dtype} "
               f"need {dtype} slots and {accumulation_dtype(dtype)} memory")
+    if validate and state.cache_pos.numel() > 0:
+        check_canonical_cache(state)
+
+
+def check_canonical_cache(state: LoLAState) -> None:
+    """The cache layout of :class:`LoLAState` (see :func:`check_state`); raises naming the field that breaks it."""
+    pos = state.cache_pos
+    valid = pos >= 0
+    empty = ~valid[..., None]
+    problems = torch.stack([
+        (state.seen < 0).any(),
+        (valid[..., 1:] & ~valid[..., :-1]).any(),                    # a valid slot after an empty one
+        (valid[..., 1:] & (pos[..., 1:] <= pos[..., :-1])).any(),     # positions not strictly ascending
+        (pos < -1).any() | (pos >= state.seen[:, None, None]).any(),  # not -1 nor a consumed position
+        (empty & (state.cache_k != 0)).any(),
+        (empty & (state.cache_v != 0)).any(),
+        (empty & (state.cache_fk != 0)).any(),
+    ]).tolist()
+    messages = [
+        ('seen', "token counts must be non-negative"),
+        ('cache_pos', "valid slots (position >= 0) must come first, then the empty ones (-1)"),
+        ('cache_pos', "valid slots must hold strictly ascending positions"),
+        ('cache_pos', "entries must be -1 (empty) or a position below the row's `seen`"),
+        ('cache_k', "empty cache slots (cache_pos == -1) must be zero"),
+        ('cache_v', "empty cache slots (cache_pos == -1) must be zero"),
+        ('cache_fk', "empty cache slots (cache_pos == -1) must be zero"),
+    ]
+    for bad, (field, message) in zip(problems, messages):
+        if bad:
+            _fail('initial_state', f"field {field} breaks the canonical cache layout: {message}")
 
 
 def random_score(pos: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

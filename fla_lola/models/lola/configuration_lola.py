@@ -6,6 +6,7 @@ from fla.models.configuration_utils import AttentionConfig, AttentionConfigBase,
 from transformers.configuration_utils import PreTrainedConfig
 
 from fla_lola.layers.lola import DEFAULT_WINDOW_FACTOR_INIT, check_lola_settings
+from fla_lola.layers.rope import check_rope_parameters
 
 
 class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
@@ -19,10 +20,15 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
             ``hidden_size // num_heads``), qkv_bias, hidden_ratio / intermediate_size, hidden_act ("swish"),
             vocab_size, max_position_embeddings, rope_theta, norm_eps, tie_word_embeddings, initializer_range:
             as in fla's and transformers' Llama-style models.
+        rope_parameters (dict | None): a converted teacher's transformers ``rope_parameters`` (``rope_type``
+            ``default``, ``linear``, ``llama3``, ``yarn``, and ``dynamic`` / ``longrope`` up to the original
+            length); the layers build their tables with transformers' RoPE functions
+            (:mod:`fla_lola.layers.rope`). transformers standardizes it (``rope_theta`` filled in).
+        qk_norm (bool): Qwen3's per-head RMSNorm of queries and keys before RoPE (``q_norm``, ``k_norm``).
         window_size (int): η ≥ 1, LoLA's window and chunk size.
         cache_size (int): λ ≥ 0, the sparse cache capacity (0 gives LoLCATs' window + linear attention).
         feature_dim (int): ``f`` of the LoLCATs feature map (``F = 2f`` features).
-        mix (str): ``"lola"`` (default) or ``"lolcats"``, the normalizer (see ``LOLA_SPEC.md``).
+        mix (str): ``"lola"`` (default) or ``"lolcats"``, the normalizer (see ``docs/SPEC.md``).
         selection (str): cache selection score: ``"sre"`` (default, self-recall error), ``"loo"``
             (leave-one-out self-recall error), or for ablations ``"recency"``, ``"value_norm"``, ``"random"``.
         attn_backend (str): the op backend: ``"auto"`` (default), ``"naive"``, ``"torch"``, ``"triton"``.
@@ -59,6 +65,8 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
         attn_backend: str = 'auto',
         window_factor_init: float = DEFAULT_WINDOW_FACTOR_INIT,
         rope_theta: float = 10000.,
+        rope_parameters: dict | None = None,
+        qk_norm: bool = False,
         max_position_embeddings: int = 2048,
         norm_eps: float = 1e-6,
         attn: AttentionConfig = None,
@@ -84,6 +92,7 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
             cache_size=cache_size, feature_dim=feature_dim, mix=mix, selection=selection, backend=attn_backend,
             context='LoLAConfig',
         )
+        check_rope_parameters(rope_parameters, context='LoLAConfig')
         validate_loss_config(fuse_cross_entropy=fuse_cross_entropy, fuse_linear_cross_entropy=fuse_linear_cross_entropy)
 
         self.hidden_size = hidden_size
@@ -103,6 +112,8 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
         self.attn_backend = attn_backend
         self.window_factor_init = window_factor_init
         self.rope_theta = rope_theta
+        self.rope_parameters = rope_parameters
+        self.qk_norm = qk_norm
         self.max_position_embeddings = max_position_embeddings
         self.norm_eps = norm_eps
         self.attn = attn
@@ -122,6 +133,11 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @property
+    def num_attention_heads(self) -> int:
+        """transformers' name for ``num_heads`` (its RoPE validation reads it)."""
+        return self.num_heads
 
     @property
     def stored_pairs(self) -> int:

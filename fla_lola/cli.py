@@ -1,0 +1,137 @@
+"""``fla-lola``: convert a transformers checkpoint to LoLA, distill it, and test pass-key retrieval.
+
+Every command exits 0 on success, and 2 with one line ``fla-lola: error: ...`` on bad input; a command that fails
+never leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXAMPLES = """\
+examples:
+  # a Llama-3.2-1B checkpoint directory -> a LoLA model directory (η = 64, λ = 64), in bfloat16
+  fla-lola convert ./Llama-3.2-1B ./lola-1b --window-size 64 --cache-size 64 --dtype bfloat16
+
+  # with LoLCATs stage-1 (feature maps) and stage-2 (LoRA) checkpoints
+  fla-lola convert ./Meta-Llama-3.1-8B ./lola-8b --window-size 64 --cache-size 64 \\
+      --lolcats-attn attn.pt --lolcats-finetune finetune.pt --lora-alpha 16
+
+  # attention transfer on local text, 8 GPUs, checkpoints every 100 steps (rerun with --resume after a stop)
+  accelerate launch --num_processes 8 -m fla_lola.cli distill ./Meta-Llama-3.1-8B ./lola-8b \\
+      --data corpus/*.txt --window-size 64 --cache-size 64 --steps 2000 --batch-size 8 --dtype bfloat16
+
+  # pass-key retrieval with the model's own tokenizer: results.json + results.png
+  fla-lola passkey ./lola-1b --lengths 1024 2048 4096 --depths 5 --out results
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fla-lola", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def lola_args(q):
+        q.add_argument("--window-size", type=int, required=True, help="η, the sliding window (and chunk) size")
+        q.add_argument("--cache-size", type=int, required=True, help="λ, the sparse cache size")
+        q.add_argument("--feature-dim", type=int, default=64, help="f of the LoLCATs feature map (default 64)")
+        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights' dtype (default: the source's)")
+
+    c = sub.add_parser("convert", help="transformers checkpoint dir -> LoLA model dir", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("src", help="transformers checkpoint directory (Llama, Mistral, Qwen2, Qwen3)")
+    c.add_argument("out", help="new LoLA model directory (must not exist)")
+    lola_args(c)
+    c.add_argument("--lolcats-attn", help="LoLCATs stage-1 checkpoint (.pt: feature maps, window factors)")
+    c.add_argument("--lolcats-finetune", help="LoLCATs stage-2 checkpoint (.pt: peft LoRA on q/k/v/o), merged")
+    c.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16, LoLCATs'); r is read "
+                   "from the tensors")
+    c.add_argument("--seed", type=int, default=0, help="seed of the initial feature maps")
+    c.add_argument("--max-shard-size", type=int, default=2 * 2**30, help="bytes per safetensors shard")
+
+    d = sub.add_parser("distill", help="attention transfer (LoLCATs stage 1) on local text", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("src", help="teacher: transformers checkpoint directory")
+    d.add_argument("out", help="new LoLA model directory (must not exist)")
+    d.add_argument("--data", nargs="+", required=True, help=".txt files (one document each) or .jsonl ('text')")
+    lola_args(d)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--lr", type=float, default=1e-2)
+    d.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (to OUT.ckpt)")
+    d.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    d.add_argument("--seed", type=int, default=0)
+
+    k = sub.add_parser("passkey", help="pass-key retrieval (RULER single needle): JSON + PNG", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("model", help="a model directory with its tokenizer (LoLA or any causal LM)")
+    k.add_argument("--lengths", type=int, nargs="+", required=True, help="prompt lengths in tokens")
+    k.add_argument("--depths", type=int, default=5, help="needle depths spread over [0, 1] (default 5)")
+    k.add_argument("--out", default="passkey", help="writes OUT.json and OUT.png (default passkey)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--device", default=None, help="default: cuda if available")
+    return p
+
+
+def _convert(a) -> str:
+    from fla_lola.checkpoint import convert_checkpoint
+
+    out = convert_checkpoint(a.src, a.out, window_size=a.window_size, cache_size=a.cache_size,
+                             feature_dim=a.feature_dim, dtype=a.dtype, lolcats_attn=a.lolcats_attn,
+                             lolcats_finetune=a.lolcats_finetune, lora_alpha=a.lora_alpha, seed=a.seed,
+                             max_shard_size=a.max_shard_size)
+    return f"wrote {out}"
+
+
+def _distill(a) -> str:
+    from fla_lola.checkpoint import distill_checkpoint
+
+    distill_checkpoint(a.src, a.out, a.data, window_size=a.window_size, cache_size=a.cache_size,
+                       feature_dim=a.feature_dim, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
+                       lr=a.lr, save_every=a.save_every, resume=a.resume, dtype=a.dtype, seed=a.seed)
+    return f"wrote {a.out}"
+
+
+def _passkey(a) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import fla_lola  # noqa: F401  (registers model_type "lola")
+    from fla_lola.ruler import write_results
+
+    if not os.path.isdir(a.model):
+        raise ValueError(f"MODEL {a.model!r} is not a directory")
+    if any(n < 1 for n in a.lengths):
+        raise ValueError(f"--lengths must be positive, got {a.lengths}")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out: directory {out_dir!r} does not exist")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model).to(device).eval()
+    from fla_lola.ruler import run_passkey
+
+    trials = run_passkey(model, tokenizer, a.lengths, depths=a.depths, seed=a.seed)
+    summary = write_results(trials, a.out + ".json", a.out + ".png", title=os.path.basename(a.model.rstrip("/")))
+    acc = ", ".join(f"{n}: {100 * v:.0f}%" for n, v in summary["accuracy"].items())
+    return f"wrote {a.out}.json, {a.out}.png ({acc})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run = {"convert": _convert, "distill": _distill, "passkey": _passkey}[args.command]
+    try:
+        message = run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
+        print(f"fla-lola: error: {e}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
