@@ -385,13 +385,13 @@ def chunk_lola_fwd(
         first, lengths = row_layout(B, T, attention_mask, cu_seqlens, q.device, start, stop)
         last = stop == T
         final = chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale,
-                                       mix, state, output_final_state or not last)
+                                       mix, state, output_final_state or not last, selection)
         state = final
     return o, final
 
 
 def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale, mix,
-                           initial_state, output_final_state):
+                           initial_state, output_final_state, selection='sre'):
     """One launch of both kernels for the rows' tokens ``first[r] ..< first[r] + lengths[r]``; writes ``o`` there."""
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
