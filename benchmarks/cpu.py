@@ -143,12 +143,12 @@ def run(args):
         q, k, v, fq, fk, gate = inputs(T + args.decode_repeats + 2, H, D, Fd, dtype)
         pre = [x[:, :T] for x in (q, k, v, fq, fk)] + [gate]
 
-        def lola(cache_size):
+        def lola(cache_size, selection='sre'):
             return lola_attention(*pre, window_size=eta, cache_size=cache_size, output_final_state=True,
-                                  backend='torch', validate=False)
+                                  selection=selection, backend='torch', validate=False)
 
         qt, kt, vt = (x.transpose(1, 2) for x in pre[:3])
-        fns = {'lola': lambda: lola(lam), 'lola0': lambda: lola(0)}
+        fns = {'lola': lambda: lola(lam), 'lola0': lambda: lola(0), 'loo': lambda: lola(lam, 'loo')}
         if T <= args.sdpa_max_len:
             fns['sdpa'] = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
         t = interleaved_medians(fns, args.repeats)
@@ -178,6 +178,7 @@ def run(args):
             sdpa_tok_s=T / t['sdpa'] if 'sdpa' in t else None,
             prefill_speedup=t['sdpa'] / t['lola'] if 'sdpa' in t else None, cache_cost=t['lola'] / t['lola0'],
             lola_decode_ms=td['lola'] * 1e3, sdpa_decode_ms=td['sdpa'] * 1e3, decode_speedup=td['sdpa'] / td['lola'],
+            loo_tok_s=T / t['loo'], loo_cost=t['loo'] / t['lola'],
             decode_ops=ops_step.total, decode_compute_ops=ops_step.compute,
             prefill_ops_per_chunk=None if ops_prefill is None else ops_prefill.total / (T / eta),
             prefill_compute_ops_per_chunk=None if ops_prefill is None else ops_prefill.compute / (T / eta),
@@ -187,7 +188,7 @@ def run(args):
         sdpa_txt = '—' if r['sdpa_tok_s'] is None else f"{r['sdpa_tok_s']:.0f}"
         mem_txt = '—' if mem is None else f"{mem / T:.0f} B/token ({mem / in_bytes:.2f}× inputs)"
         tqdm.write(f"T={T:>6}: LoLA {r['lola_tok_s']:>8.0f} tok/s (λ=0: {r['lola0_tok_s']:.0f}), "
-                   f"SDPA {sdpa_txt} tok/s; "
+                   f"LOO {r['loo_tok_s']:.0f} tok/s, SDPA {sdpa_txt} tok/s; "
                    f"decode {r['lola_decode_ms']:.3f} ms vs SDPA {r['sdpa_decode_ms']:.3f} ms; peak prefill memory "
                    f"{mem_txt}; state {r['state_bytes'] / 2**20:.2f} MiB vs KV {kv_bytes / 2**20:.1f} MiB")
 
@@ -236,6 +237,8 @@ def run(args):
         worst = max(r['peak_prefill_bytes'] / r['input_bytes'] for r in mem_rows)
         checks.append(('peak prefill memory ≤ 2× the input tensors at every traced length (worst)', worst,
                        '× inputs', worst <= 2))
+    loo = max(r['loo_cost'] for r in rows)
+    checks.append(('leave-one-out selection prefill ≤ 1.1× SRE (worst length)', loo, '×', loo <= 1.1))
     print()
     for name, value, unit, ok in checks:
         print(f"[{'met' if ok else 'MISSED'}] {name}: {value:.2f}{'' if unit == '%' else ' '}{unit}")

@@ -1,24 +1,29 @@
 """Pass-key retrieval in miniature: a softmax teacher, its linearized student, and LoLA's sparse cache.
 
-    python examples/passkey.py                     # evaluate the shipped weights (a few minutes on 2 cores)
+    python examples/passkey.py                     # evaluate the shipped weights (every task, 100 documents a cell)
+    python examples/passkey.py --docs 20 --tasks text   # a cheaper slice
     python examples/passkey.py --train             # retrain teacher and student from scratch first (≤ 30 min)
     python examples/passkey.py --smoke --json o.json   # tiny end-to-end run (CI)
 
-The teacher is a 2-layer softmax Llama trained on synthetic RULER-style pass-key documents
-(``fla_lola.passkey``); the student is the same model with every attention layer converted to LoLA
+The teacher is a 2-layer softmax Llama trained on synthetic RULER-style pass-key documents of three tasks
+(``fla_lola.passkey``: ``single`` needle in a repetitive filler, ``text`` needle in held-out English prose,
+``multikey`` three named needles, one asked); the student is the same model with every attention layer converted to LoLA
 (``fla_lola.convert``) and its feature maps and mixing logits fitted by attention transfer with an empty
 cache (``fla_lola.distill``). One student then runs every variant, since η, λ and the selection score
 change no weight:
 
 - ``lambda0``: λ = 0, η = 64, LoLCATs' window + linear attention;
 - ``lola``: η = 64, λ = 64, self-recall-error selection (the paper's method);
+- ``lola_loo``: the same with leave-one-out self-recall error (``selection="loo"``, beyond the paper);
 - ``bigger_window``: λ = 0 and η = 96, i.e. the same number of stored key-value pairs as LoLA
   (λ + 2η = 2η' = 192 per layer and head: LoLA keeps its cache, the previous chunk and the current one; the
   window-only model keeps two chunks; both also hold the same linear memory H, s);
 - ``lola_recency``, ``lola_value_norm``, ``lola_random``: LoLA with another cache selection score.
 
 Accuracy is exact match of the 5 key digits (teacher-forced argmax, equal to greedy decoding) on
-documents of 512, 1K, 2K and 4K tokens, needle depths evenly spread, from a seed no training step uses.
+documents of 512, 1K, 2K, 4K and 8K tokens, needle depths evenly spread, from a seed no training step uses
+(``text`` documents from prose passages no training step saw). The JSON keeps every document's verdict
+(``hits``: one "0"/"1" per document), so a slice can be re-checked exactly (tests/test_passkey.py does).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ VARIANTS = {
     "teacher": None,
     "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"),
     "lola": dict(window_size=ETA, cache_size=LAM, selection="sre"),
+    "lola_loo": dict(window_size=ETA, cache_size=LAM, selection="loo"),
     "bigger_window": dict(window_size=ETA + LAM // 2, cache_size=0, selection="sre"),
     "lola_recency": dict(window_size=ETA, cache_size=LAM, selection="recency"),
     "lola_value_norm": dict(window_size=ETA, cache_size=LAM, selection="value_norm"),
@@ -50,6 +56,7 @@ LABELS = {
     "teacher": "softmax teacher (full KV cache)",
     "lambda0": f"λ=0, η={ETA} (LoLCATs)",
     "lola": f"LoLA η={ETA}, λ={LAM}, SRE",
+    "lola_loo": "LoLA, leave-one-out SRE",
     "bigger_window": f"window only, η={ETA + LAM // 2}",
     "lola_recency": "LoLA, recency",
     "lola_value_norm": "LoLA, value norm",
@@ -73,7 +80,7 @@ def train(out: str, smoke: bool, log) -> None:
         schedule, tokens = [pk.Phase(20, 48, 96, 1e-3)], 512
         distill = dict(steps=3, min_len=128, max_len=192, tokens_per_step=512)
     else:
-        schedule, tokens, distill = pk.TEACHER_SCHEDULE, 4096, {}
+        schedule, tokens, distill = pk.TEACHER_SCHEDULE, pk.TEACHER_TOKENS_PER_STEP, {}
     t0 = time.time()
     teacher = LlamaForCausalLM._from_config(pk.teacher_config(), attn_implementation="sdpa")
     pk.train_teacher(teacher, schedule, tokens_per_step=tokens, log=log)
@@ -85,43 +92,75 @@ def train(out: str, smoke: bool, log) -> None:
     pk.save_model(student, os.path.join(out, "passkey_student"))
 
 
-def evaluate(weights: str, lengths: list[int], docs: int, variants: list[str], batch_size: int) -> tuple[dict, dict]:
+def cell_hits(model, task: str, length: int, docs: int, batch_size: int, first: int | None = None,
+              on_batch=None) -> str:
+    """Exact match of the evaluation documents of one (task, length) as a string of "0"/"1", one per document.
+
+    ``first`` evaluates only the first documents of the ``docs``-document set (the set itself, with its evenly
+    spread depths, depends on ``docs``). Batches hold at most ``batch_size`` documents and ~16K tokens.
+    """
+    batch = pk.eval_documents(length, docs, task=task)
+    n = docs if first is None else min(first, docs)
+    step = max(1, min(batch_size, 16384 // length))
+    hits = []
+    for i in range(0, n, step):
+        sub = pk.PassKeyBatch(batch.input_ids[i:min(n, i + step)], batch.answer_start, [], [])
+        hits.append(pk.exact_match(model, sub, batch_size=step))
+        if on_batch is not None:
+            on_batch(sub.input_ids.shape[0])
+    return "".join("1" if h else "0" for h in torch.cat(hits).tolist())
+
+
+def load_models(weights: str):
+    return pk.load_teacher(os.path.join(weights, "passkey_teacher")), pk.load_student(os.path.join(weights, "passkey_student"))
+
+
+def model_for(variant: str, teacher, student):
+    if VARIANTS[variant] is None:
+        return teacher
+    set_lola(student, **VARIANTS[variant])
+    return student
+
+
+def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int, variants: list[str],
+             batch_size: int) -> tuple[dict, dict]:
+    """``hits[task][variant][str(length)]`` and the seconds each variant took."""
     from tqdm.auto import tqdm
 
-    teacher = pk.load_teacher(os.path.join(weights, "passkey_teacher"))
-    student = pk.load_student(os.path.join(weights, "passkey_student"))
-    sets = {L: pk.eval_documents(L, docs) for L in lengths}
-    acc, seconds = {}, {}
-    bar = tqdm(total=len(variants) * docs * len(lengths), desc="evaluating", unit="doc", mininterval=2)
+    teacher, student = load_models(weights)
+    hits, seconds = {t: {} for t in tasks}, {}
+    bar = tqdm(total=len(tasks) * len(variants) * docs * len(lengths), desc="evaluating", unit="doc", mininterval=2)
     for name in variants:
         t0 = time.time()
-        model = teacher if VARIANTS[name] is None else student
-        if VARIANTS[name] is not None:
-            set_lola(student, **VARIANTS[name])
-        acc[name] = {}
-        for L in lengths:
-            bar.set_postfix_str(f"{name} @ {L}")
-            hits = []
-            for i in range(0, docs, batch_size):
-                sub = pk.PassKeyBatch(sets[L].input_ids[i:i + batch_size], sets[L].answer_start, [], [])
-                hits.append(pk.exact_match(model, sub, batch_size=batch_size))
-                bar.update(sub.input_ids.shape[0])
-            acc[name][str(L)] = torch.cat(hits).float().mean().item()
+        model = model_for(name, teacher, student)
+        for task in tasks:
+            hits[task][name] = {}
+            for L in lengths:
+                bar.set_postfix_str(f"{task}: {name} @ {L}")
+                hits[task][name][str(L)] = cell_hits(model, task, L, docs, batch_size, on_batch=bar.update)
         seconds[name] = time.time() - t0
     bar.close()
-    return acc, seconds
+    return hits, seconds
+
+
+def accuracy(hits: str) -> float:
+    return hits.count("1") / len(hits)
 
 
 def table(result: dict) -> str:
-    lengths = [str(L) for L in result["lengths"]]
+    lengths = [str(L) for L in next(iter(result["tasks"].values()))["lengths"]]
     head = f"{'variant':<34} {'pairs':>6} " + " ".join(f"{L:>7}" for L in lengths)
-    rows = [head, "-" * len(head)]
-    for name, accs in result["accuracy"].items():
-        rows.append(f"{LABELS[name]:<34} {result['stored_pairs'][name]:>6} "
-                    + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
+    rows = []
+    for task, res in result["tasks"].items():
+        rows += [f"task: {task}", head, "-" * len(head)]
+        for name, accs in res["accuracy"].items():
+            rows.append(f"{LABELS[name]:<34} {result['stored_pairs'][name]:>6} "
+                        + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
+        rows.append("")
     max_len = lengths[-1]
     rows.append(f"pairs = exact key-value pairs kept per layer and head at {max_len} tokens "
-                f"(the teacher's KV cache holds {result['kv_pairs'][max_len]}).")
+                f"(the teacher's KV cache holds {result['kv_pairs'][max_len]}); "
+                f"{result['documents_per_length']} documents per cell.")
     return "\n".join(rows)
 
 
@@ -131,19 +170,24 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for name, accs in result["accuracy"].items():
-        ax.plot(result["lengths"], [100 * accs[str(L)] for L in result["lengths"]], marker="o",
-                label=f"{LABELS[name]} ({result['stored_pairs'][name]} pairs)",
-                linewidth=2.5 if name == "lola" else 1.5)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(result["lengths"], [f"{L // 1024}K" if L >= 1024 else str(L) for L in result["lengths"]])
-    ax.set_ylim(-3, 103)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("pass-key exact match (%)")
-    ax.set_title(f"Pass-key retrieval: {result['documents_per_length']} documents per length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    tasks = list(result["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 3, 4.5), sharey=True, squeeze=False)
+    lengths = result["tasks"][tasks[0]]["lengths"]
+    for ax, task in zip(axes[0], tasks):
+        for name, accs in result["tasks"][task]["accuracy"].items():
+            ax.plot(lengths, [100 * accs[str(L)] for L in lengths], marker="o",
+                    label=f"{LABELS[name]} ({result['stored_pairs'][name]} pairs)",
+                    linewidth=2.5 if name in ("lola", "lola_loo") else 1.5,
+                    linestyle="--" if name == "lola_loo" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{L // 1024}K" if L >= 1024 else str(L) for L in lengths])
+        ax.set_ylim(-3, 103)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(f"task: {task}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pass-key exact match (%)")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"Pass-key retrieval: {result['documents_per_length']} documents per cell")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -157,7 +201,9 @@ def main(argv=None) -> dict:
                    help="directory of passkey_{teacher,student}.{safetensors,json}; default: examples/, or out/passkey "
                         "with --train")
     p.add_argument("--docs", type=int, default=None, help="documents per length (default 100; 4 with --smoke)")
-    p.add_argument("--lengths", type=int, nargs="+", default=None, help="context lengths (default 512 1024 2048 4096)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="context lengths (default 512 1024 2048 4096 8192)")
+    p.add_argument("--tasks", nargs="+", default=list(pk.TASKS), choices=list(pk.TASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -167,7 +213,7 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = args.lengths or ([128, 256] if args.smoke else [512, 1024, 2048, 4096])
+    lengths = args.lengths or ([128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192])
     docs = args.docs or (4 if args.smoke else 100)
     tmp = tempfile.TemporaryDirectory() if args.smoke and args.weights is None else None
     weights = args.weights or (tmp.name if tmp else os.path.join("out", "passkey") if args.train else HERE)
@@ -178,10 +224,15 @@ def main(argv=None) -> dict:
         train(weights, args.smoke, log)
     train_seconds = time.time() - t0
 
-    acc, seconds = evaluate(weights, lengths, docs, args.variants, args.batch_size)
+    hits, seconds = evaluate(weights, args.tasks, lengths, docs, args.variants, args.batch_size)
+    tasks = {t: {"lengths": lengths,
+                 "accuracy": {v: {L: accuracy(h) for L, h in per_len.items()} for v, per_len in hits[t].items()},
+                 "hits": hits[t]} for t in args.tasks}
     result = {
-        "lengths": lengths,
-        "accuracy": acc,
+        # the `single` task, where earlier versions of this file kept it
+        "lengths": lengths if "single" in tasks else [],
+        "accuracy": tasks["single"]["accuracy"] if "single" in tasks else {},
+        "tasks": tasks,
         "window_size": ETA,
         "cache_size": LAM,
         "stored_pairs": {v: stored_pairs(v, max(lengths)) for v in args.variants},
@@ -197,14 +248,14 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "weights": os.path.relpath(weights) if tmp is None else None,
     }
-    print(table(result))
-    print(f"evaluated {docs} documents per length in {sum(seconds.values()):.0f} s "
-          f"({torch.get_num_threads()} threads)")
-    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
-    if args.json:
+    if args.json:  # the numbers first: nothing after this can lose them
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    print(table(result))
+    print(f"evaluated {docs} documents per cell in {sum(seconds.values()):.0f} s "
+          f"({torch.get_num_threads()} threads)")
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
     plot(result, png)
     print(f"plot: {png}" + (f", numbers: {args.json}" if args.json else ""))
     if tmp is not None:

@@ -1,13 +1,23 @@
-"""Synthetic pass-key retrieval in miniature (RULER style): documents, a tokenizer, a teacher, exact match.
+"""Synthetic pass-key retrieval in miniature (RULER style): three tasks, a tokenizer, a teacher, exact match.
 
-A document is a haystack of repetitive filler with one needle, then the question, then the answer::
+A document is a haystack with one or more needles, then the question, then the answer::
 
     <bos> The grass is green . The sky is blue . ... The pass key is 4 0 7 1 3 . Remember it . ...
     ... Here we go . What is the pass key ? The pass key is 4 0 7 1 3
 
-Every word is one token (a vocabulary of 35), each digit of the 5-digit key is one token, and a document
-has exactly the requested number of tokens, answer included. The needle starts at a sentence boundary
-of the filler at a chosen depth (0 = first sentence, 1 = last sentence before the question).
+Tasks (:data:`TASKS`):
+
+- ``single``: one needle in a repetitive filler (the haystack above);
+- ``text``: one needle in natural English prose, the Python language reference that ships with every CPython
+  (``pydoc_data.topics``), its prose paragraphs split by a hash of their text into training passages (3/4) and
+  held-out evaluation passages (1/4), so evaluation documents are prose no training step saw;
+- ``multikey``: three needles with different names ("The pass key for ORCHID is 4 0 7 1 3 .") in the
+  repetitive filler; the question asks for one of them, and only its key counts.
+
+Tokens are words, punctuation marks and single digits; the vocabulary is the task words, the ten digits and the
+:data:`PROSE_WORDS` most frequent words of the *training* passages, everything else reads as ``<unk>``. Each digit of
+the 5-digit key is one token, and a document has exactly the requested number of tokens, answer included. A needle
+starts at a sentence boundary of the haystack at a chosen depth (0 = first sentence, 1 = last before the question).
 
 Exact match is judged teacher-forced: one forward pass over the whole document, and a document counts as
 retrieved when the argmax at each of the 5 answer positions is the right digit. This is the same verdict
@@ -17,48 +27,120 @@ is), and LoLA's prefill equals its token-by-token decoding, so one pass per docu
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import random
+import re
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+TASKS = ("single", "text", "multikey")
 FILLER = "The grass is green . The sky is blue . The sun is yellow . Here we go . There and back again ."
 NEEDLE = "The pass key is {key} . Remember it ."
 QUESTION = "What is the pass key ? The pass key is"
+NAMED_NEEDLE = "The pass key for {name} is {key} . Remember it ."
+NAMED_QUESTION = "What is the pass key for {name} ? The pass key for {name} is"
+NAMES = ["ORCHID", "TULIP", "LOTUS", "DAISY", "LILY", "IRIS", "ROSE", "POPPY", "ASTER", "DAHLIA", "VIOLET", "LILAC"]
+N_NEEDLES = 3  # multikey: needles per document
 KEY_DIGITS = 5
+PROSE_WORDS = 1000  # the most frequent words of the training passages that get their own token
 
-SPECIALS = ["<pad>", "<bos>"]
-WORDS = sorted(set(FILLER.split()) | set(NEEDLE.replace("{key}", "").split()) | set(QUESTION.split()))
+SPECIALS = ["<pad>", "<bos>", "<unk>"]
+_TEMPLATES = (FILLER, NEEDLE, QUESTION, NAMED_NEEDLE, NAMED_QUESTION)
+WORDS = sorted({w for t in _TEMPLATES for w in t.replace("{key}", "").replace("{name}", "").split()} | set(NAMES))
 DIGITS = [str(d) for d in range(10)]
+_TOKEN = re.compile(r"[A-Za-z]+|\d|[^\sA-Za-z\d]")  # a word, one digit, or one other visible character
+
+
+def split_words(text: str) -> list[str]:
+    return _TOKEN.findall(text)
+
+
+@functools.lru_cache(maxsize=None)
+def prose_passages() -> dict[str, list[list[str]]]:
+    """The prose paragraphs of ``pydoc_data.topics`` as word lists, split into ``train`` and ``eval`` passages.
+
+    A paragraph is prose when it has at least 12 tokens and at least 70 % of them are words (this drops code
+    examples, grammar rules and tables). ``crc32`` of its text picks the split, so it is fixed everywhere.
+    """
+    from pydoc_data.topics import topics
+
+    out = {"train": [], "eval": []}
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            words = split_words(para)
+            if len(words) >= 12 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
+                out["eval" if zlib.crc32(" ".join(words).encode()) % 4 == 0 else "train"].append(words)
+    return out
 
 
 class PassKeyTokenizer:
-    """A word-level tokenizer: one token per whitespace-separated word, one per digit."""
+    """Words, punctuation marks and single digits; unknown words read as ``<unk>``."""
 
-    def __init__(self):
-        self.vocab = SPECIALS + WORDS + DIGITS
+    def __init__(self, prose_words: int = PROSE_WORDS):
+        fixed = SPECIALS + WORDS + DIGITS
+        counts = collections.Counter(w for p in prose_passages()["train"] for w in p)
+        known = set(fixed)
+        # most frequent first, ties alphabetical: a fixed order on every machine
+        prose = [w for w, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0])) if w not in known][:prose_words]
+        self.vocab = fixed + prose
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.pad_token_id = self.index["<pad>"]
         self.bos_token_id = self.index["<bos>"]
+        self.unk_token_id = self.index["<unk>"]
         self.digit_ids = [self.index[d] for d in DIGITS]
 
     def __len__(self) -> int:
         return len(self.vocab)
 
     def encode(self, text: str) -> list[int]:
-        return [self.index[w] for w in text.split()]
+        return self.encode_words(split_words(text))
+
+    def encode_words(self, words: list[str]) -> list[int]:
+        return [self.index.get(w, self.unk_token_id) for w in words]
 
     def decode(self, ids) -> str:
         return " ".join(self.vocab[int(i)] for i in ids)
 
 
 TOKENIZER = PassKeyTokenizer()
+_PERIOD = TOKENIZER.index["."]
 _FILLER_IDS = TOKENIZER.encode(FILLER)
-_SENTENCE_STARTS = [0] + [i + 1 for i, t in enumerate(_FILLER_IDS[:-1]) if t == TOKENIZER.index["."]]
+_SENTENCE_STARTS = [0] + [i + 1 for i, t in enumerate(_FILLER_IDS[:-1]) if t == _PERIOD]
 _QUESTION_IDS = TOKENIZER.encode(QUESTION)
-MIN_LENGTH = 1 + len(TOKENIZER.encode(NEEDLE.format(key="0 0 0 0 0"))) + len(_QUESTION_IDS) + KEY_DIGITS + 8
+
+
+@functools.lru_cache(maxsize=None)
+def _prose_stream(split: str) -> tuple[list[int], list[int]]:
+    """All passages of a split as one token stream, and the offsets where passages start."""
+    ids, starts = [], []
+    for p in prose_passages()[split]:
+        starts.append(len(ids))
+        ids += TOKENIZER.encode_words(p)
+    return ids, starts
+
+
+def _needle(key: str, name: str | None) -> list[int]:
+    spaced = " ".join(key)
+    return TOKENIZER.encode(NEEDLE.format(key=spaced) if name is None else NAMED_NEEDLE.format(name=name, key=spaced))
+
+
+def _question(name: str | None) -> list[int]:
+    return _QUESTION_IDS if name is None else TOKENIZER.encode(NAMED_QUESTION.format(name=name))
+
+
+def min_length(task: str = "single") -> int:
+    """The shortest document of ``task``: the needles, the question, the answer and 8 filler tokens."""
+    name = max(NAMES, key=len) if task == "multikey" else None
+    needles = (N_NEEDLES if task == "multikey" else 1) * len(_needle("0" * KEY_DIGITS, name))
+    return 1 + needles + len(_question(name)) + KEY_DIGITS + 8
+
+
+MIN_LENGTH = min_length("single")
 
 
 @dataclass
@@ -69,49 +151,84 @@ class PassKeyBatch:
     answer_start: int
     keys: list[str]
     depths: list[float]
+    task: str = "single"
 
     @property
     def answers(self) -> torch.Tensor:
         return self.input_ids[:, self.answer_start:]
 
 
-def make_document(length: int, key: str, depth: float, filler_offset: int = 0) -> list[int]:
-    """One document of exactly ``length`` tokens; ``key`` is 5 digits, ``depth`` in [0, 1]."""
-    if length < MIN_LENGTH:
-        raise ValueError(f"length {length} is below the minimum document length {MIN_LENGTH}")
+def _filler(task: str, n: int, offset: int, split: str) -> list[int]:
+    """``n`` haystack tokens starting at a sentence (repetitive filler) or passage (prose) start, cyclically."""
+    if task == "text":
+        stream, starts = _prose_stream(split)
+        start = starts[offset % len(starts)]
+    else:
+        stream, start = _FILLER_IDS, _SENTENCE_STARTS[offset % len(_SENTENCE_STARTS)]
+    reps = (start + n) // len(stream) + 1
+    return (stream * reps)[start:start + n]
+
+
+def make_document(length: int, key: str, depth: float, filler_offset: int = 0, *, task: str = "single",
+                  split: str = "train", name: str | None = None, others: tuple = ()) -> list[int]:
+    """One document of exactly ``length`` tokens; ``key`` is 5 digits, ``depth`` in [0, 1].
+
+    ``task="text"`` takes its prose from ``split`` ("train" or "eval"). ``task="multikey"`` needs the asked
+    needle's ``name`` and ``others``: ``(name, key, depth)`` of the other needles.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if length < min_length(task):
+        raise ValueError(f"length {length} is below the minimum document length {min_length(task)} of task {task!r}")
     if len(key) != KEY_DIGITS or not key.isdigit():
         raise ValueError(f"key must be {KEY_DIGITS} digits, got {key!r}")
-    needle = TOKENIZER.encode(NEEDLE.format(key=" ".join(key)))
-    answer = TOKENIZER.encode(" ".join(key))
-    n_filler = length - 1 - len(needle) - len(_QUESTION_IDS) - len(answer)
-    start = _SENTENCE_STARTS[filler_offset % len(_SENTENCE_STARTS)]
-    reps = (start + n_filler) // len(_FILLER_IDS) + 1
-    filler = (_FILLER_IDS * reps)[start:start + n_filler]
+    if (task == "multikey") != (name is not None):
+        raise ValueError("name (and others) are given for task 'multikey' only, and it needs them")
+    needles = [(depth, _needle(key, name))] + [(d, _needle(k, n)) for n, k, d in others]
+    question, answer = _question(name), TOKENIZER.encode(" ".join(key))
+    n_filler = length - 1 - sum(len(x) for _, x in needles) - len(question) - len(answer)
+    filler = _filler(task, n_filler, filler_offset, split)
     # sentence boundaries inside the filler (positions where a sentence starts), plus its end
-    bounds = [0] + [i + 1 for i, t in enumerate(filler) if t == TOKENIZER.index["."]]
-    cut = bounds[min(len(bounds) - 1, round(depth * (len(bounds) - 1)))]
-    doc = [TOKENIZER.bos_token_id] + filler[:cut] + needle + filler[cut:] + _QUESTION_IDS + answer
+    bounds = [0] + [i + 1 for i, t in enumerate(filler) if t == _PERIOD]
+    cuts = sorted((bounds[min(len(bounds) - 1, round(d * (len(bounds) - 1)))], i) for i, (d, _) in enumerate(needles))
+    doc, prev = [TOKENIZER.bos_token_id], 0
+    for cut, i in cuts:
+        doc += filler[prev:cut] + needles[i][1]
+        prev = cut
+    doc += filler[prev:] + question + answer
     assert len(doc) == length
     return doc
 
 
-def make_batch(length: int, n: int, generator: random.Random, depths: list[float] | None = None) -> PassKeyBatch:
+def make_batch(length: int, n: int, generator: random.Random, depths: list[float] | None = None,
+               task: str = "single", split: str = "train") -> PassKeyBatch:
     """``n`` documents of ``length`` tokens with random keys (and random depths unless given)."""
     keys = ["".join(generator.choice(DIGITS) for _ in range(KEY_DIGITS)) for _ in range(n)]
     if depths is None:
         depths = [generator.random() for _ in range(n)]
-    offsets = [generator.randrange(len(_SENTENCE_STARTS)) for _ in range(n)]
-    docs = [make_document(length, k, d, o) for k, d, o in zip(keys, depths, offsets)]
-    return PassKeyBatch(torch.tensor(docs), length - KEY_DIGITS, keys, list(depths))
+    docs = []
+    for key, depth in zip(keys, depths):
+        kw = {}
+        if task == "multikey":
+            names = generator.sample(NAMES, N_NEEDLES)
+            others = tuple((nm, "".join(generator.choice(DIGITS) for _ in range(KEY_DIGITS)), generator.random())
+                           for nm in names[1:])
+            kw = dict(name=names[0], others=others)
+        offset = generator.randrange(1 << 30)
+        docs.append(make_document(length, key, depth, offset, task=task, split=split, **kw))
+    return PassKeyBatch(torch.tensor(docs), length - KEY_DIGITS, keys, list(depths), task)
 
 
 EVAL_SEED = 20250528  # evaluation documents; training draws from its own seed and never uses this one
 
 
-def eval_documents(length: int, n: int, seed: int = EVAL_SEED) -> PassKeyBatch:
-    """The evaluation set at one length: ``n`` documents, needle depths evenly spread over [0, 1]."""
+def eval_documents(length: int, n: int, seed: int = EVAL_SEED, task: str = "single") -> PassKeyBatch:
+    """The evaluation set of ``task`` at one length: ``n`` documents, needle depths evenly spread over [0, 1]
+    (``text`` documents draw their prose from the held-out passages)."""
     depths = [i / (n - 1) for i in range(n)] if n > 1 else [0.5]
-    return make_batch(length, n, random.Random(f"passkey-eval-{seed}-{length}"), depths)
+    tag = "" if task == "single" else f"{task}-"
+    return make_batch(length, n, random.Random(f"passkey-eval-{seed}-{tag}{length}"), depths, task=task,
+                      split="eval")
 
 
 def answer_logits(model, input_ids: torch.Tensor, answer_start: int) -> torch.Tensor:
@@ -141,7 +258,7 @@ def teacher_config(**overrides):
 
     kw = dict(
         vocab_size=len(TOKENIZER), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, rope_theta=1e4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=1e4,
         bos_token_id=TOKENIZER.bos_token_id, pad_token_id=TOKENIZER.pad_token_id, eos_token_id=None,
         tie_word_embeddings=False,
     )
@@ -151,22 +268,36 @@ def teacher_config(**overrides):
 
 @dataclass
 class Phase:
-    """``steps`` optimizer steps on documents of ``min_len..max_len`` tokens (log-uniform) at ``lr``."""
+    """``steps`` optimizer steps on documents of ``min_len..max_len`` tokens (log-uniform) at ``lr``; each step draws
+    its task by ``tasks`` (weights; default :data:`TASK_WEIGHTS`)."""
 
     steps: int
     min_len: int
     max_len: int
     lr: float
+    tasks: dict | None = None
 
 
-# Short documents first (the answer loss sits at chance until retrieval is found), then every
-# length evaluated: the model does not extrapolate past the lengths it trained on.
+# Short single-needle documents first (the answer loss sits at chance until retrieval is found; with all three
+# tasks mixed from the start it never left ~1.3 in 2,300 steps), then every task at every length evaluated: the
+# model does not extrapolate past the lengths it trained on.
 TEACHER_SCHEDULE = [
-    Phase(1000, 48, 128, 1e-3),
-    Phase(1000, 64, 1024, 1e-3),
-    Phase(800, 512, 4096, 3e-4),
-    Phase(400, 512, 4096, 1e-4),
+    Phase(600, 48, 128, 1e-3, {"single": 1.0}),
+    Phase(600, 64, 1024, 1e-3),
+    Phase(500, 512, 4096, 3e-4),
 ]
+TEACHER_TOKENS_PER_STEP = 4096  # a step is one document when the length is above this
+# every training step draws one task with these weights (multikey, the hardest, most often)
+TASK_WEIGHTS = {"single": 0.25, "text": 0.35, "multikey": 0.4}
+
+
+def random_batch(rng: random.Random, min_len: int, max_len: int, tokens: int, weights=None) -> PassKeyBatch:
+    """A training batch: a task drawn by ``weights``, a log-uniform length, ``tokens // length`` documents."""
+    weights = weights or TASK_WEIGHTS
+    task = rng.choices(list(weights), list(weights.values()))[0]
+    length = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
+    length = max(length, min_length(task))
+    return make_batch(length, max(1, tokens // length), rng, task=task, split="train")
 
 
 def passkey_loss(logits: torch.Tensor, ids: torch.Tensor, answer_start: int, lm_weight: float = 0.1):
@@ -176,7 +307,7 @@ def passkey_loss(logits: torch.Tensor, ids: torch.Tensor, answer_start: int, lm_
     return ans + lm_weight * lm, ans
 
 
-def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = 4096, seed: int = 0,
+def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = TEACHER_TOKENS_PER_STEP, seed: int = 0,
                   progress: bool = True, log_every: int = 50, log=print):
     """Train ``model`` (a causal LM returning ``.logits``) on random pass-key documents. Returns the losses."""
     from tqdm.auto import tqdm
@@ -185,7 +316,7 @@ def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = 4096,
     rng = random.Random(f"passkey-train-{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=schedule[0].lr, weight_decay=0.01, betas=(0.9, 0.98))
     model.train()
-    history, recent = [], []
+    history, recent = [], collections.defaultdict(list)
     total = sum(p.steps for p in schedule)
     bar = tqdm(total=total, desc="teacher", disable=not progress, mininterval=2)
     step = 0
@@ -196,8 +327,8 @@ def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = 4096,
             warm = min(1.0, (i + 1) / 50)  # short warm-up at every phase change
             for g in opt.param_groups:
                 g["lr"] = phase.lr * warm
-            length = round(math.exp(rng.uniform(math.log(phase.min_len), math.log(phase.max_len))))
-            batch = make_batch(length, max(1, tokens_per_step // length), rng)
+            batch = random_batch(rng, phase.min_len, phase.max_len, tokens_per_step, phase.tasks)
+            length = batch.input_ids.shape[1]
             logits = model(input_ids=batch.input_ids).logits
             loss, ans = passkey_loss(logits, batch.input_ids, batch.answer_start)
             opt.zero_grad(set_to_none=True)
@@ -205,15 +336,17 @@ def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = 4096,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             history.append(ans.item())
-            recent.append(ans.item())
+            recent[batch.task].append(ans.item())
             step += 1
             bar.update(1)
             if step % log_every == 0:
-                msg = f"step {step}/{total} len {length} answer loss {sum(recent) / len(recent):.3f}"
+                every = [x for xs in recent.values() for x in xs]
+                per_task = ", ".join(f"{t} {sum(xs) / len(xs):.2f}" for t, xs in sorted(recent.items()))
+                msg = f"step {step}/{total} len {length} answer loss {sum(every) / len(every):.3f} ({per_task})"
                 bar.set_postfix_str(msg.split(" answer ")[1])
                 if log is not None:
                     log(msg)
-                recent = []
+                recent = collections.defaultdict(list)
     bar.close()
     model.eval()
     return history
@@ -235,9 +368,7 @@ def distill_student(teacher, steps: int = 150, min_len: int = 256, max_len: int 
     student = convert_to_lola(teacher, seed=seed, **{**STUDENT, **student})
 
     def batch(i):
-        rng = random.Random(f"passkey-distill-{seed}-{i}")
-        length = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
-        return make_batch(length, max(1, tokens_per_step // length), rng).input_ids
+        return random_batch(random.Random(f"passkey-distill-{seed}-{i}"), min_len, max_len, tokens_per_step).input_ids
 
     attention_transfer(student, teacher, batch, steps, lr=lr, progress=progress, log=log)
     return student

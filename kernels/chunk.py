@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_lola.kernels.select import place, rank_and_place, sre_score
+from fla_lola.kernels.select import boundary_scores, place, rank_and_place
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -111,7 +111,7 @@ def load_refs(x, xw, xc, ref, i_n, i_h, i_x, tok_base, phase,
 @triton.heuristics({'STORE_FINAL': lambda args: args['ht'] is not None})
 @triton.autotune(
     configs=[triton.Config({}, num_warps=w) for w in NUM_WARPS],
-    key=['H', 'HKV', 'D', 'DV', 'F', 'ETA', 'LAM', 'ACC'],
+    key=['H', 'HKV', 'D', 'DV', 'F', 'ETA', 'LAM', 'ACC', 'LOO'],
 )
 @triton.jit
 def lola_fwd_kernel_select(
@@ -123,7 +123,7 @@ def lola_fwd_kernel_select(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-    EPS: tl.constexpr, ACC: tl.constexpr, STORE_FINAL: tl.constexpr,
+    EPS: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
     i_n, i_h = i_nh // H, i_nh % H
@@ -165,8 +165,8 @@ def lola_fwd_kernel_select(
             valid_w = o_t < ETA
             b_vw = load_grid(v, wv, w_slot, valid_w, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v).to(ACC)
             b_fw = load_grid(fk, wfk, w_slot, valid_w, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f).to(ACC)
-            score_c = sre_score(b_vc, b_fc, b_h, b_s, valid_c, EPS)
-            score_w = sre_score(b_vw, b_fw, b_h, b_s, valid_w, EPS)
+            score_c, score_w = boundary_scores(b_vc, b_fc, valid_c, b_vw, b_fw, valid_w, b_h, b_s, BL, BT,
+                                               EPS, LOO)
             keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
             fold_c = (valid_c & ~keep_c).to(ACC)
             fold_w = (valid_w & ~keep_w).to(ACC)
@@ -362,6 +362,7 @@ def chunk_lola_fwd(
     cache_size: int,
     scale: float,
     mix: str,
+    selection: str,
     attention_mask: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     initial_state: LoLAState | None,
@@ -384,13 +385,13 @@ def chunk_lola_fwd(
         first, lengths = row_layout(B, T, attention_mask, cu_seqlens, q.device, start, stop)
         last = stop == T
         final = chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale,
-                                       mix, state, output_final_state or not last)
+                                       mix, state, output_final_state or not last, selection)
         state = final
     return o, final
 
 
 def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size, cache_size, scale, mix,
-                           initial_state, output_final_state):
+                           initial_state, output_final_state, selection='sre'):
     """One launch of both kernels for the rows' tokens ``first[r] ..< first[r] + lengths[r]``; writes ``o`` there."""
     B, T, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
@@ -428,7 +429,7 @@ def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size
             hs, ss, cidx,
             f.get('h'), f.get('s'), f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
             f.get('window_k'), f.get('window_v'), f.get('window_fk'),
-            BL=block(lam), **consts,
+            BL=block(lam), LOO=(selection == 'loo'), **consts,
         )
     if NT > 0:
         scale_t = torch.full((1,), scale, dtype=acc, device=dev)

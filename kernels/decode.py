@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fla_lola.kernels.chunk import alloc_state_like, block, empty_state_like, tl_acc
-from fla_lola.kernels.select import rank_and_place, sre_score
+from fla_lola.kernels.select import boundary_scores, rank_and_place
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -35,7 +35,7 @@ def lola_decode_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
-    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr,
+    EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr,
     STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0).to(tl.int64)
@@ -129,8 +129,8 @@ def lola_decode_kernel(
         if boundary & (seen >= ETA):
             b_vc32, b_fc32 = b_vc.to(ACC), b_fc.to(ACC)
             b_vw32, b_fw32 = b_vw.to(ACC), b_fw.to(ACC)
-            score_c = sre_score(b_vc32, b_fc32, b_h, b_s, valid_c, EPS)
-            score_w = sre_score(b_vw32, b_fw32, b_h, b_s, valid_w, EPS)
+            score_c, score_w = boundary_scores(b_vc32, b_fc32, valid_c, b_vw32, b_fw32, valid_w, b_h, b_s, BL, BT,
+                                               EPS, LOO)
             keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
             b_fc32 = b_fc32 * (valid_c & ~keep_c).to(ACC)[:, None]
             b_fw32 = b_fw32 * (valid_w & ~keep_w).to(ACC)[:, None]
@@ -187,6 +187,7 @@ def decode_lola_fwd(
     cache_size: int,
     scale: float,
     mix: str,
+    selection: str,
     attention_mask: torch.Tensor | None,
     initial_state: LoLAState | None,
     output_final_state: bool,
@@ -213,7 +214,7 @@ def decode_lola_fwd(
             f.get('h'), f.get('s'), f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
             f.get('window_k'), f.get('window_v'), f.get('window_fk'),
             H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, BD=block(D), BV=block(Dv), BF=block(F),
-            BT=block(eta), BL=block(lam), EPS=EPS, MIX_LOLA=(mix == 'lola'),
+            BT=block(eta), BL=block(lam), EPS=EPS, MIX_LOLA=(mix == 'lola'), LOO=(selection == 'loo'),
             ACC=tl_acc(q.dtype), num_warps=4,
         )
     if final is not None:

@@ -43,7 +43,8 @@ def triton_lola_attention(
         cache_size (int): λ, the sparse-cache capacity.
         scale (float): softmax scale.
         mix (str): ``"lola"`` or ``"lolcats"``.
-        selection (str): must be ``"sre"`` (self-recall error); the ablation scores live in "torch".
+        selection (str): ``"sre"`` (self-recall error) or ``"loo"`` (its leave-one-out form); the ablation
+            scores live in "torch".
         attention_mask (Optional[torch.Tensor]): ``[B, T]`` 0/1, left or right padding.
         cu_seqlens (Optional[torch.Tensor]): ``[N+1]`` packed sequences (``B == 1``).
         initial_state (Optional[LoLAState]): one row per batch row / packed sequence, at any phase.
@@ -57,12 +58,12 @@ def triton_lola_attention(
     prefill. Both produce the same canonical state, so calls can alternate freely with each other and
     with the "torch" and "naive" backends.
     """
-    if selection != 'sre':
-        raise ValueError(f"`selection`: the triton backend implements 'sre' only, got {selection!r}")
+    if selection not in ('sre', 'loo'):
+        raise ValueError(f"`selection`: the triton backend implements 'sre' and 'loo' only, got {selection!r}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate)):
         raise ValueError("the triton backend is inference-only; inputs require grad (use backend='torch' "
                          "or torch.no_grad())")
-    kwargs = dict(window_size=window_size, cache_size=cache_size, scale=float(scale), mix=mix,
+    kwargs = dict(window_size=window_size, cache_size=cache_size, scale=float(scale), mix=mix, selection=selection,
                   attention_mask=attention_mask, initial_state=initial_state,
                   output_final_state=output_final_state)
     with torch.no_grad():

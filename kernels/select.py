@@ -1,4 +1,4 @@
-"""Triton building blocks of the LoLA chunk boundary: self-recall error, top-λ with ties to the earlier
+"""Triton building blocks of the LoLA chunk boundary: self-recall error (plain or leave-one-out), top-λ with ties to the earlier
 position, and the canonical placement of the kept pairs.
 
 The candidates of a boundary are ``G ∪ W``, held in two register blocks: the cache block (``BL`` rows,
@@ -25,6 +25,43 @@ def sre_score(b_v, b_f, b_h, b_s, valid, EPS: tl.constexpr):
     err = b_v - recall / z[:, None]
     score = tl.sqrt(tl.sum(err * err, 1))
     return tl.where(valid, score, float('-inf'))
+
+
+@triton.jit
+def boundary_scores(b_vc, b_fc, valid_c, b_vw, b_fw, valid_w, b_h, b_s, BL: tl.constexpr, BT: tl.constexpr,
+                    EPS: tl.constexpr, LOO: tl.constexpr):
+    """Scores of the cache block and the window block: self-recall error, or with ``LOO`` its leave-one-out
+    form, each candidate read against ``H + Σ_{c≠j} φ_c v_cᵀ`` (and ``s + Σ_{c≠j} φ_c``).
+
+    The leave-one-out sums are formed through the Gram matrix of the candidates' features with its
+    diagonal zeroed (as the torch backend does), never by subtracting ``φ_j`` from a total: the features
+    are non-negative, so the denominator has no cancellation. Invalid rows hold zero features and add
+    nothing. Every product is IEEE float32, as for the self-recall error. Returns ``score_c, score_w``
+    (``-inf`` where invalid).
+    """
+    if LOO:
+        o_c = tl.arange(0, BL)
+        o_w = tl.arange(0, BT)
+        g_cc = tl.dot(b_fc, tl.trans(b_fc), input_precision="ieee")              # [BL, BL]
+        g_cc = tl.where(o_c[:, None] == o_c[None, :], 0., g_cc)
+        g_cw = tl.dot(b_fc, tl.trans(b_fw), input_precision="ieee")              # [BL, BT]
+        g_wc = tl.dot(b_fw, tl.trans(b_fc), input_precision="ieee")              # [BT, BL]
+        g_ww = tl.dot(b_fw, tl.trans(b_fw), input_precision="ieee")              # [BT, BT]
+        g_ww = tl.where(o_w[:, None] == o_w[None, :], 0., g_ww)
+        r_c = tl.dot(b_fc, b_h, input_precision="ieee") + tl.dot(g_cc, b_vc, input_precision="ieee") + \
+            tl.dot(g_cw, b_vw, input_precision="ieee")
+        r_w = tl.dot(b_fw, b_h, input_precision="ieee") + tl.dot(g_wc, b_vc, input_precision="ieee") + \
+            tl.dot(g_ww, b_vw, input_precision="ieee")
+        z_c = tl.sum(b_fc * b_s[None, :], 1) + tl.sum(g_cc, 1) + tl.sum(g_cw, 1) + EPS
+        z_w = tl.sum(b_fw * b_s[None, :], 1) + tl.sum(g_wc, 1) + tl.sum(g_ww, 1) + EPS
+        err_c = b_vc - r_c / z_c[:, None]
+        err_w = b_vw - r_w / z_w[:, None]
+        score_c = tl.where(valid_c, tl.sqrt(tl.sum(err_c * err_c, 1)), float('-inf'))
+        score_w = tl.where(valid_w, tl.sqrt(tl.sum(err_w * err_w, 1)), float('-inf'))
+    else:
+        score_c = sre_score(b_vc, b_fc, b_h, b_s, valid_c, EPS)
+        score_w = sre_score(b_vw, b_fw, b_h, b_s, valid_w, EPS)
+    return score_c, score_w
 
 
 @triton.jit

@@ -61,7 +61,7 @@ def make_problem(seed, B, T, H, Hkv, D, Dv, F, window_size, cache_size, mix='lol
 
 @st.composite
 def problems(draw, max_B=3, max_T=40, max_heads=2, max_group=2, max_dim=8, max_window=6, max_cache=6,
-             mixes=('lola', 'lolcats'), selections=('sre', 'recency', 'value_norm', 'random'), dtype=torch.float64):
+             mixes=('lola', 'lolcats'), selections=('sre', 'loo', 'recency', 'value_norm', 'random'), dtype=torch.float64):
     Hkv = draw(st.integers(1, max_heads))
     return make_problem(
         seed=draw(st.integers(0, 2**31 - 1)),

@@ -599,7 +599,7 @@ def test_bad_config_values_raise_at_config_time(bad, match):
         tiny_config(**bad)
 
 
-@pytest.mark.parametrize('selection', ['recency', 'value_norm', 'random'])
+@pytest.mark.parametrize('selection', ['loo', 'recency', 'value_norm', 'random'])
 @torch.no_grad()
 def test_selection_reaches_the_op(selection):
     model = tiny_model(selection=selection)

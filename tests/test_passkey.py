@@ -56,6 +56,39 @@ def test_documents_have_the_requested_length_needle_and_answer():
         pk.make_document(pk.MIN_LENGTH - 1, "12345", 0.5)
 
 
+def test_text_documents_hide_the_needle_in_prose_held_out_from_training():
+    passages = pk.prose_passages()
+    train = {" ".join(p) for p in passages["train"]}
+    assert passages["eval"] and not train & {" ".join(p) for p in passages["eval"]}
+    batch = pk.eval_documents(1024, 5, task="text")
+    eval_stream, _ = pk._prose_stream("eval")
+    cyclic = "," + ",".join(map(str, eval_stream * 2)) + ","
+    for doc, key in zip(batch.input_ids.tolist(), batch.keys):
+        text = pk.TOKENIZER.decode(doc)
+        assert len(doc) == 1024 and text.count("The pass key is") == 2  # the needle and the question
+        # without the needle and the question, the haystack is a contiguous stretch of the held-out stream
+        needle = pk.TOKENIZER.encode(pk.NEEDLE.format(key=" ".join(key)))
+        i = next(j for j in range(len(doc)) if doc[j:j + len(needle)] == needle)
+        hay = doc[1:i] + doc[i + len(needle):len(doc) - len(pk.TOKENIZER.encode(pk.QUESTION)) - pk.KEY_DIGITS]
+        assert "," + ",".join(map(str, hay)) + "," in cyclic
+    assert len(pk.TOKENIZER) < 1100 and pk.TOKENIZER.encode("zyzzyva") == [pk.TOKENIZER.unk_token_id]
+
+
+def test_multikey_documents_have_three_named_needles_and_ask_for_one():
+    batch = pk.eval_documents(512, 6, task="multikey")
+    for doc, key, depth in zip(batch.input_ids.tolist(), batch.keys, batch.depths):
+        text = pk.TOKENIZER.decode(doc)
+        asked = text.split("What is the pass key for ")[1].split(" ")[0]
+        needles = text.split("The pass key for ")[1:-1]          # the last one is in the question
+        assert len(doc) == 512 and len(needles) == pk.N_NEEDLES
+        names = [n.split(" ")[0] for n in needles]
+        assert asked in names and len(set(names)) == pk.N_NEEDLES
+        assert f"The pass key for {asked} is {' '.join(key)} . Remember it ." in text
+        assert text.endswith(f"The pass key for {asked} is {' '.join(key)}")
+    with pytest.raises(ValueError, match="name"):
+        pk.make_document(512, "12345", 0.5, task="multikey")
+
+
 def test_eval_documents_are_fixed_and_spread_in_depth():
     a, b = pk.eval_documents(256, 11), pk.eval_documents(256, 11)
     assert torch.equal(a.input_ids, b.input_ids)
@@ -242,14 +275,41 @@ def test_passkey_smoke_writes_json_and_png(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
-    variants = {"teacher", "lambda0", "lola", "bigger_window", "lola_recency", "lola_value_norm", "lola_random"}
+    variants = {"teacher", "lambda0", "lola", "lola_loo", "bigger_window", "lola_recency", "lola_value_norm",
+                "lola_random"}
     assert set(result["accuracy"]) == variants == set(result["stored_pairs"])
     assert result["lengths"] == [128, 256]
-    for accs in result["accuracy"].values():
-        assert set(accs) == {"128", "256"} and all(0.0 <= x <= 1.0 for x in accs.values())
+    assert set(result["tasks"]) == set(pk.TASKS) and result["tasks"]["single"]["accuracy"] == result["accuracy"]
+    for task in result["tasks"].values():
+        assert task["lengths"] == [128, 256] and set(task["accuracy"]) == variants
+        for name, accs in task["accuracy"].items():
+            assert set(accs) == {"128", "256"}
+            assert all(accs[L] == task["hits"][name][L].count("1") / 4 for L in accs)
     assert (result["window_size"], result["cache_size"]) == (64, 64)
     assert result["stored_pairs"]["lola"] == result["stored_pairs"]["bigger_window"] == 192
     assert result["kv_pairs"] == {"128": 128, "256": 256}
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "LoLA η=64, λ=64, SRE" in run.stdout
+
+
+def test_shipped_weights_reproduce_the_shipped_results():
+    """The first 10 documents of each (task, length ≤ 1K) cell, for the teacher and four student variants, give
+    exactly the verdicts the shipped JSON recorded for them in its full run (same code path, same documents)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("passkey_example", os.path.join(ROOT, "examples", "passkey.py"))
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    with open(os.path.join(ROOT, "examples", "results", "passkey.json")) as f:
+        result = json.load(f)
+    teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
+    docs = result["documents_per_length"]
+    for variant in ("teacher", "lola", "lola_loo", "lola_value_norm", "lambda0"):
+        model = ex.model_for(variant, teacher, student)
+        for task, res in result["tasks"].items():
+            for L in (512, 1024):
+                shipped = res["hits"][variant][str(L)]
+                assert res["accuracy"][variant][str(L)] == shipped.count("1") / docs
+                got = ex.cell_hits(model, task, L, docs, batch_size=10, first=10)
+                assert got == shipped[:10], (task, variant, L)

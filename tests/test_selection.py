@@ -85,3 +85,54 @@ def test_other_scores_keep_what_they_say(backend):
     assert cached(call(backend, v, fk, cache_size=2, selection='value_norm')) == sorted(norms.argsort()[-2:].tolist())
     rnd = random_score(candidates, torch.zeros_like(candidates))
     assert cached(call(backend, v, fk, cache_size=2, selection='random')) == sorted(rnd.argsort()[-2:].tolist())
+
+
+def duplicates_case():
+    """η = 4, λ = 1. Chunk 0 = three copies of (φk = e1, v = a), then one pair (e2, 0.5 a); chunk 1 is filler.
+
+    At the boundary after chunk 1 the memory is empty and G is empty, so the candidates are chunk 0:
+      SRE:  e_j = ‖v_j‖ → the copies score 1, the odd one 0.5: the earliest copy (0) is kept.
+      LOO:  a copy read against the other two copies recalls a exactly → e = 0; the odd pair's φ is orthogonal
+            to every other candidate, so it recalls 0/(0 + ε) = 0 → e = 0.5: pair 3 is kept and the three
+            copies are folded, H = 3 e1 aᵀ, s = 3 e1.
+    """
+    v = torch.tensor([A, A, A, [0.5, 0.0]] + [[0.0, 0.0]] * 4)
+    fk = torch.tensor([E1, E1, E1, E2] + [E1] * 4)
+    return v, fk
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_loo_keeps_what_the_other_candidates_do_not_explain(backend):
+    v, fk = duplicates_case()
+    assert cached(call(backend, v, fk, cache_size=1, window_size=4, selection='sre')) == [0]
+    state = call(backend, v, fk, cache_size=1, window_size=4, selection='loo')
+    assert cached(state) == [3]
+    torch.testing.assert_close(state.h[0, 0], torch.tensor([[3.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(state.s[0, 0], torch.tensor([3.0, 0.0], dtype=torch.float64))
+
+
+def test_loo_scores_keep_float32_accuracy_where_subtraction_would_cancel():
+    """Candidate 0's features are large and almost one-hot on a direction no other candidate or the memory uses, so its
+    leave-one-out denominator is tiny next to ``φ₀ᵀsₐ`` and ``‖φ₀‖²``: the form ``φ₀ᵀsₐ − ‖φ₀‖²`` cancels in
+    float32, the Gram form with the diagonal zeroed does not."""
+    from fla_lola.ops.selection import selection_scores
+
+    g = torch.Generator().manual_seed(0)
+    F, Dv, C = 8, 4, 6
+    fk = torch.softmax(torch.randn(1, C, F, generator=g, dtype=torch.float64), -1)
+    fk[0, 0] = 10 * torch.softmax(torch.tensor([30.0] + [0.0] * (F - 1), dtype=torch.float64), -1)
+    fk[0, 1:, 0] = 1e-9
+    v = torch.randn(1, C, Dv, generator=g, dtype=torch.float64)
+    hs = torch.cat([torch.rand(F, Dv, generator=g, dtype=torch.float64),
+                    torch.rand(F, 1, generator=g, dtype=torch.float64)], -1)[None]
+    hs[0, 0] = 0                       # the memory never saw direction 0 either
+    args = dict(pos=torch.arange(C)[None], head=torch.zeros(1, dtype=torch.long))
+    exact = selection_scores('loo', hs, v, fk, **args)
+    fast = selection_scores('loo', hs.float(), v.float(), fk.float(), **args).double()
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-6)
+    # the case does discriminate: subtracting φ_j from the totals in float32 loses candidate 0's score
+    f32 = fk.float()
+    tot = torch.bmm(f32.transpose(1, 2), torch.cat([v.float(), torch.ones(1, C, 1)], -1)) + hs.float()
+    r = torch.bmm(f32, tot) - (f32 * f32).sum(-1, keepdim=True) * torch.cat([v.float(), torch.ones(1, C, 1)], -1)
+    subtracted = torch.linalg.vector_norm(v.float() - r[..., :-1] / (r[..., -1:] + 1e-6), dim=-1).double()
+    assert (subtracted - exact).abs()[0, 0] > 1e-2 * exact[0, 0].abs()

@@ -39,7 +39,8 @@ ATOL, RTOL = 1e-10, 1e-9
 
 @st.composite
 def kernel_problems(draw, max_B=2, max_T=48, min_heads=1, max_heads=2, min_group=1, max_group=2, max_dim=16,
-                    max_window=8, max_cache=6, budget=16, mixes=('lola', 'lolcats'), dtype=torch.float64):
+                    max_window=8, max_cache=6, budget=16, mixes=('lola', 'lolcats'), selections=('sre', 'loo'),
+                    dtype=torch.float64):
     """Valid inputs with B·H·ceil(T/η) ≤ ``budget`` (rows × heads × chunks: what the interpreter pays for)."""
     Hkv = draw(st.integers(min_heads, max_heads))
     H = Hkv * draw(st.integers(min_group, max_group))
@@ -50,7 +51,7 @@ def kernel_problems(draw, max_B=2, max_T=48, min_heads=1, max_heads=2, min_group
         seed=draw(st.integers(0, 2**31 - 1)), B=B, T=T, H=H, Hkv=Hkv,
         D=draw(st.integers(1, max_dim)), Dv=draw(st.integers(1, max_dim)), F=draw(st.integers(1, max_dim)),
         window_size=eta, cache_size=draw(st.integers(0, max_cache)), mix=draw(st.sampled_from(mixes)),
-        logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])), dtype=dtype,
+        selection=draw(st.sampled_from(selections)), logit_scale=draw(st.sampled_from([0.5, 1.0, 4.0])), dtype=dtype,
     )
 
 
@@ -396,8 +397,32 @@ def test_inputs_that_require_grad_are_refused(which):
     torch.testing.assert_close(o.cpu(), run(p, 'naive')[0].float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('decode', [False, True])
+def test_loo_keeps_what_the_other_candidates_do_not_explain(decode):
+    """The hand-checked case of tests/test_selection.py (three copies and one odd pair, λ = 1): SRE keeps the first
+    copy, LOO the odd pair; the boundary runs in the prefill kernel, or in the step kernel after a 7-token prefill."""
+    from test_selection import duplicates_case
+
+    v, fk = duplicates_case()
+    T = v.shape[0]
+    xs = [torch.zeros(1, T, 1, 1), torch.zeros(1, T, 1, 1), v.view(1, T, 1, -1), torch.full((1, T, 1, 2), 0.5),
+          fk.view(1, T, 1, -1)]
+    xs = [x.double().to(DEVICE) for x in xs]
+    gate = torch.tensor([0.5], dtype=torch.float64, device=DEVICE)
+    for selection, keep in (('sre', [0]), ('loo', [3])):
+        kw = dict(window_size=4, cache_size=1, selection=selection, output_final_state=True, backend='triton')
+        if decode:
+            _, state = lola_attention(*(x[:, :-1] for x in xs), gate, **kw)
+            _, state = lola_attention(*(x[:, -1:] for x in xs), gate, initial_state=state, **kw)
+        else:
+            _, state = lola_attention(*xs, gate, **kw)
+        assert state.cache_pos[0, 0].tolist() == keep, selection
+        if selection == 'loo':
+            assert state.s[0, 0].tolist() == [3.0, 0.0]
+
+
 @pytest.mark.parametrize('selection', ['recency', 'value_norm', 'random'])
-def test_selections_other_than_sre_are_refused(selection):
+def test_ablation_selections_are_refused(selection):
     p = small_problem()
     p.selection = selection
     with pytest.raises(ValueError, match='sre'):

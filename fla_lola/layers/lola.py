@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from fla.models.cache_utils import Cache
 
 MIXES = ('lola', 'lolcats')
-SELECTIONS = ('sre', 'recency', 'value_norm', 'random')
+SELECTIONS = ('sre', 'loo', 'recency', 'value_norm', 'random')
 BACKENDS = ('auto', 'naive', 'torch', 'triton')
 
 # LoLCATs initializes its window factors (our mixing logits) to -2.1972, i.e. γ = sigmoid(-2.1972) ≈ 0.1.

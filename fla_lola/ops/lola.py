@@ -13,6 +13,8 @@ from fla_lola.ops.naive import naive_lola_attention
 from fla_lola.ops.state import LoLAState
 from fla_lola.ops.utils import BACKENDS, check_inputs
 
+TRITON_SELECTIONS = ('sre', 'loo')  # the scores the Triton kernels implement; the ablation scores run in torch
+
 
 @torch.compiler.disable
 def lola_attention(
@@ -52,8 +54,10 @@ def lola_attention(
         cache_size (int): λ ≥ 0, the sparse-cache capacity.
         scale (Optional[float]): softmax scale. Default ``D ** -0.5``.
         mix (str): ``"lola"`` (the LoLA normalizer) or ``"lolcats"`` (what LoLCATs checkpoints use).
-        selection (str): cache selection score: ``"sre"`` (self-recall error, the spec) or, for ablations,
-            ``"recency"``, ``"value_norm"``, ``"random"`` (a fixed hash of position and head).
+        selection (str): cache selection score: ``"sre"`` (self-recall error, the spec), ``"loo"``
+            (leave-one-out self-recall error: each candidate read against the memory plus every other
+            candidate, see ``docs/SPEC.md``) or, for ablations, ``"recency"``, ``"value_norm"``, ``"random"``
+            (a fixed hash of position and head).
         attention_mask (Optional[torch.Tensor]): ``[B, T]`` of 0/1, left or right padding. Padding enters
             no memory, moves no chunk boundary, and its outputs are zero.
         cu_seqlens (Optional[torch.LongTensor]): ``[N+1]`` cumulative lengths of ``N`` sequences packed
@@ -87,7 +91,7 @@ def lola_attention(
         raise ValueError("`inplace_state`: updating the state in place needs `output_final_state=True`")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
     if backend == 'auto':
-        backend = 'triton' if q.is_cuda and not needs_grad and selection == 'sre' else 'torch'
+        backend = 'triton' if q.is_cuda and not needs_grad and selection in TRITON_SELECTIONS else 'torch'
     if inplace_state and needs_grad:
         raise ValueError("`inplace_state`: the state cannot be updated in place while inputs require grad")
     if inplace_state and initial_state is not None and not (q.shape[1] == 1 and cu_seqlens is None
@@ -112,8 +116,9 @@ def lola_attention(
         if not q.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
             raise ValueError("`backend`: 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
                              "importing triton to run its interpreter on CPU")
-        if selection != 'sre':
-            raise ValueError(f"`selection`: the triton backend implements 'sre' only, got {selection!r}")
+        if selection not in TRITON_SELECTIONS:
+            raise ValueError(f"`selection`: the triton backend implements {TRITON_SELECTIONS} only, "
+                             f"got {selection!r}")
         from fla_lola.kernels import triton_lola_attention
         return triton_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
     if q.shape[1] == 1 and cu_seqlens is None:

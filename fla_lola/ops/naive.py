@@ -86,7 +86,7 @@ def _step(mem, pair, q, fq, gamma, scale, mix, selection, eta, lam, head):
     if len(mem['P']) == eta:
         if mem['W']:
             cand = mem['G'] + mem['W']
-            scores = [_score(mem, p, selection, head) for p in cand]
+            scores = [_score(mem, p, selection, head, cand) for p in cand]
             # largest score first; ties go to the earlier position
             order = sorted(range(len(cand)), key=lambda j: (-scores[j], cand[j]['pos']))
             keep = set(order[:min(lam, len(cand))])
@@ -100,9 +100,16 @@ def _step(mem, pair, q, fq, gamma, scale, mix, selection, eta, lam, head):
 
 
 @torch.no_grad()
-def _score(mem, p, selection, head):
+def _score(mem, p, selection, head, cand):
     if selection == 'sre':  # self-recall error against the memory as it is now
         recall = (mem['H'].T @ p['fk']) / (mem['s'] @ p['fk'] + EPS)
+        return float(torch.linalg.vector_norm(p['v'] - recall))
+    if selection == 'loo':  # self-recall error against the memory plus every other candidate
+        H, s = mem['H'], mem['s']
+        for c in cand:
+            if c is not p:
+                H, s = H + torch.outer(c['fk'], c['v']), s + c['fk']
+        recall = (H.T @ p['fk']) / (s @ p['fk'] + EPS)
         return float(torch.linalg.vector_norm(p['v'] - recall))
     if selection == 'recency':
         return float(p['pos'])

@@ -18,16 +18,32 @@ def selection_scores(
     """Scores ``[M, C]`` of ``C`` candidates in ``M`` independent (row, head) memories; larger is kept.
 
     ``hs`` [M, F, Dv+1] is the memory ``[H | s]``, ``v`` [M, C, Dv], ``fk`` [M, C, F], ``pos`` [M, C],
-    ``head`` [M]. "sre" is the spec's self-recall error ``‖v − Hᵀφk / (sᵀφk + ε)‖``.
+    ``head`` [M]. Invalid candidates hold zeros. "sre" is the spec's self-recall error
+    ``‖v − Hᵀφk / (sᵀφk + ε)‖``; "loo" the same against the memory plus every *other* candidate.
     """
-    if selection == 'sre':
-        r = torch.bmm(fk.to(hs.dtype), hs)
-        return torch.linalg.vector_norm(v.to(hs.dtype) - r[..., :-1] / (r[..., -1:] + EPS), dim=-1)
+    if selection in ('sre', 'loo'):
+        fk, v = fk.to(hs.dtype), v.to(hs.dtype)
+        r = torch.bmm(fk, hs)                                                   # φ_jᵀ[H | s]  [M, C, Dv+1]
+        if selection == 'loo':
+            r = r + leave_one_out_recall(fk, v)
+        return torch.linalg.vector_norm(v - r[..., :-1] / (r[..., -1:] + EPS), dim=-1)
     if selection == 'recency':
         return pos.to(hs.dtype)
     if selection == 'value_norm':
         return torch.linalg.vector_norm(v.to(hs.dtype), dim=-1)
     return random_score(pos, head[:, None].expand_as(pos)).to(hs.dtype)
+
+
+def leave_one_out_recall(fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Σ_{c≠j} (φ_jᵀφ_c) [v_c | 1]`` for every candidate ``j``: ``[M, C, Dv+1]``.
+
+    The "loo" score reads candidate ``j`` against ``H + Σ_{c≠j} φ_c v_cᵀ``. Formed through the Gram matrix with
+    its diagonal zeroed, never as ``(H + Σ_c) − φ_j v_jᵀ``: features are non-negative, so the denominator is a
+    sum of non-negative terms with no cancellation, and float32 stays as accurate as for "sre".
+    """
+    gram = torch.bmm(fk, fk.transpose(1, 2))                                   # [M, C, C]
+    gram.diagonal(dim1=1, dim2=2).zero_()
+    return torch.cat([torch.bmm(gram, v), gram.sum(-1, keepdim=True)], -1)
 
 
 def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor, pos: torch.Tensor,

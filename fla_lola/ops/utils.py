@@ -11,7 +11,7 @@ from fla_lola.ops.state import LoLAState, accumulation_dtype
 
 EPS = 1e-6
 MIXES = ('lola', 'lolcats')
-SELECTIONS = ('sre', 'recency', 'value_norm', 'random')
+SELECTIONS = ('sre', 'loo', 'recency', 'value_norm', 'random')
 BACKENDS = ('auto', 'naive', 'torch', 'triton')
 
 

@@ -29,8 +29,8 @@ class LoLAConfig(AttentionConfigBase, PreTrainedConfig):
         cache_size (int): λ ≥ 0, the sparse cache capacity (0 gives LoLCATs' window + linear attention).
         feature_dim (int): ``f`` of the LoLCATs feature map (``F = 2f`` features).
         mix (str): ``"lola"`` (default) or ``"lolcats"``, the normalizer (see ``docs/SPEC.md``).
-        selection (str): cache selection score: ``"sre"`` (default, self-recall error), or for ablations
-            ``"recency"``, ``"value_norm"``, ``"random"``.
+        selection (str): cache selection score: ``"sre"`` (default, self-recall error), ``"loo"``
+            (leave-one-out self-recall error), or for ablations ``"recency"``, ``"value_norm"``, ``"random"``.
         attn_backend (str): the op backend: ``"auto"`` (default), ``"naive"``, ``"torch"``, ``"triton"``.
         window_factor_init (float): initial mixing logit, ``γ = sigmoid(logit)``; LoLCATs' ``-2.1972`` (γ ≈ 0.1).
         attn (dict | list[dict] | None): fla's attention spec: softmax ``Attention`` at the listed layers of a
