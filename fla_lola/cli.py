@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+SELECTIONS = ("sre", "loo", "recency", "value_norm", "random")  # as fla_lola.layers.lola.SELECTIONS (tested)
+
 EXAMPLES = """\
 examples:
   # a Llama-3.2-1B checkpoint directory -> a LoLA model directory (η = 64, λ = 64), in bfloat16
@@ -40,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="weights' dtype (default: the source's)")
 
+    def selection_arg(q, default, what):
+        q.add_argument("--selection", choices=SELECTIONS, default=default,
+                       help=f"cache selection score {what}: sre (self-recall error), loo (leave-one-out), or the "
+                            "ablations recency, value_norm, random")
+
     c = sub.add_parser("convert", help="transformers checkpoint dir -> LoLA model dir", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("src", help="transformers checkpoint directory (Llama, Mistral, Qwen2, Qwen3)")
@@ -51,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    "from the tensors")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial feature maps")
     c.add_argument("--max-shard-size", type=int, default=2 * 2**30, help="bytes per safetensors shard")
+    selection_arg(c, "sre", "stored in the config (default sre)")
 
     d = sub.add_parser("distill", help="attention transfer (LoLCATs stage 1) on local text", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="passkey", help="writes OUT.json and OUT.png (default passkey)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--device", default=None, help="default: cuda if available")
+    selection_arg(k, None, "for this run, on every LoLA layer (default: the model's own)")
     return p
 
 
@@ -83,7 +92,7 @@ def _convert(a) -> str:
     out = convert_checkpoint(a.src, a.out, window_size=a.window_size, cache_size=a.cache_size,
                              feature_dim=a.feature_dim, dtype=a.dtype, lolcats_attn=a.lolcats_attn,
                              lolcats_finetune=a.lolcats_finetune, lora_alpha=a.lora_alpha, seed=a.seed,
-                             max_shard_size=a.max_shard_size)
+                             max_shard_size=a.max_shard_size, selection=a.selection)
     return f"wrote {out}"
 
 
@@ -113,6 +122,10 @@ def _passkey(a) -> str:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model).to(device).eval()
+    if a.selection is not None:
+        from fla_lola.convert import set_lola
+
+        set_lola(model, selection=a.selection)
     from fla_lola.ruler import run_passkey
 
     trials = run_passkey(model, tokenizer, a.lengths, depths=a.depths, seed=a.seed)

@@ -95,6 +95,19 @@ def test_convert_writes_a_loadable_directory_equal_to_the_in_memory_conversion(h
         assert (got - teacher(input_ids=x).logits).abs().max() < 1e-4  # float32, ε of the op (test_convert)
 
 
+def test_cli_selection_choices_are_the_layers(hub_model, tmp_path):
+    from fla_lola.cli import SELECTIONS
+    from fla_lola.layers.lola import SELECTIONS as LAYER_SELECTIONS
+
+    assert set(SELECTIONS) == set(LAYER_SELECTIONS)   # the CLI keeps its list light to import; it must not drift
+    out = tmp_path / "loo"
+    assert run_cli("convert", hub_model, out, "--window-size", 8, "--cache-size", 8, "--feature-dim", 16,
+                   "--selection", "loo") == 0
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.selection == "loo"
+    assert {layer.attn.selection for layer in loaded.model.layers} == {"loo"}
+
+
 def test_convert_casts_to_the_requested_dtype(hub_model, tmp_path):
     assert run_cli("convert", hub_model, tmp_path / "bf16", "--window-size", 8, "--cache-size", 8,
                    "--feature-dim", 16, "--dtype", "bfloat16") == 0
