@@ -30,7 +30,7 @@ def test_benchmark_smoke_run_writes_json_png_and_every_target(name, tmp_path):
     assert saved['config']['smoke'] and saved['targets'] == json.loads(json.dumps(result['targets']))
     assert all(isinstance(t['met'], bool) and t['value'] == t['value'] for t in saved['targets'])
     if name == 'cpu':
-        assert len(saved['targets']) == 9   # issue 11's seven, decode at 1K vs 64K, LOO vs SRE prefill
+        assert len(saved['targets']) == 9   # issue 11's (speed, flatness, λ cost, decode, memory: 8) + LOO vs SRE
         assert all(r['state_bytes'] == saved['rows'][0]['state_bytes'] for r in saved['rows'])  # fixed state
     else:
         assert len(saved['targets']) == 4
