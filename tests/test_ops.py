@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from lola_problems import (Problem, assert_bounded_state, assert_states_equal, make_problem, padding_mask, problems,
                            split_points)
 
-from fla_lola import LoLAState, lola_attention, naive_lola_attention
+from fla_lola import lola_attention, naive_lola_attention
 
 EPS = 1e-6
 
