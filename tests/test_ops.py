@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as Fn
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from lola_problems import (Problem, assert_bounded_state, assert_states_equal, make_problem, padding_mask, problems,
                            split_points)
@@ -225,6 +225,33 @@ def test_masked_decode_rows_keep_their_state_and_output_zero():
                        output_final_state=True)
     torch.testing.assert_close(o, o_ref)
     assert_states_equal(new, s_ref)
+
+
+@settings(max_examples=60)
+@given(p=problems(max_B=3, max_T=30), data=st.data())
+def test_decode_rows_at_different_positions_match_naive(p, data):
+    """On CPU the one-token step reads the rows' positions back: rows all at one position take a contiguous slice
+    of the window, rows at different positions (here after a padded prefill) the per-row masked path. Both, with
+    and without a mask of ones, in place and not, equal the naive reference step after step."""
+    B, T = p.q.shape[:2]
+    assume(T >= 2)
+    cut = data.draw(st.integers(1, T - 1))
+    kept = data.draw(st.lists(st.floats(0, 1), min_size=B, max_size=B))
+    prefill_mask = padding_mask(cut, kept, left=data.draw(st.booleans()))
+    ones = data.draw(st.booleans())
+    _, ref = run(p, 'naive', tensors=p.slice(0, cut), attention_mask=prefill_mask, output_final_state=True)
+    state = ref.clone()
+    for t in range(cut, T):
+        mask = torch.ones(B, 1, dtype=torch.long) if ones else None
+        o_ref, ref = run(p, 'naive', tensors=p.slice(t, t + 1), initial_state=ref, attention_mask=mask,
+                         output_final_state=True)
+        inplace = data.draw(st.booleans())
+        o, new = run(p, 'torch', tensors=p.slice(t, t + 1), initial_state=state, attention_mask=mask,
+                     output_final_state=True, inplace_state=inplace)
+        assert (new is state) == inplace
+        torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=1e-9)
+        assert_states_equal(new, ref, atol=1e-10, rtol=1e-9)
+        state = new
 
 
 # ---- in-place state updates (the layer owns its state in fla's Cache) --------------------------------

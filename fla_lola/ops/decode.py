@@ -45,55 +45,47 @@ def decode_lola_attention(
     inplace = inplace and initial_state is not None and output_final_state
     st = initial_state if initial_state is not None else \
         LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
-    active = None if attention_mask is None else attention_mask[:, 0] != 0
-    phase = st.seen % eta
-    step = 1 if active is None else active.long()  # tokens each row takes
-
-    # write the token into slot η + phase of the rows that take one (the others keep what the slot holds); in
-    # place, the state's own window is the buffer, else a copy of it
-    rows, slot = torch.arange(B, device=dev), eta + phase
-    wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
-        (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
-    for buf, x in ((wk, k), (wv, v), (wfk, fk)):
-        buf[rows, :, slot] = x[:, 0] if active is None else \
-            torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
-    # slot j of the window holds absolute position base + j; valid ones lie in [0, seen + step)
-    base = (st.seen // eta - 1) * eta
-    wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]                  # [B, 2η]
-    wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
-
-    # one softmax over cache ∪ window, next to the linear read-out
-    qh = q[:, 0].to(acc).view(B, Hkv, grp, D) * scale
-    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, 2 * eta)
-    s_w = s_w.masked_fill_(~wvalid[:, None], float('-inf'))
-    m = s_w.amax(-1)                                                               # [B, H]
-    if lam > 0:
-        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam)
-        s_c = s_c.masked_fill_(st.cache_pos < 0, float('-inf'))
-        m = torch.maximum(m, s_c.amax(-1))
-    m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p_w = torch.exp(s_w - m[..., None])
-    num = (p_w.view(B, Hkv, grp, 2 * eta) @ wv.to(acc)).view(B, H, Dv)
-    den = p_w.sum(-1)
-    if lam > 0:
-        p_c = torch.exp(s_c - m[..., None])
-        num = num.add_((p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv))
-        den = den.add_(p_c.sum(-1))
-    fqh = fq[:, 0].to(acc).unsqueeze(-2)                                           # [B, H, 1, F]
-    lin_num = (fqh @ st.h).view(B, H, Dv)
-    lin_den = (fqh @ st.s.unsqueeze(-1)).view(B, H)
-    g = gate.to(acc)[None, :]
-    if mix == 'lola':
-        e = torch.exp(-m)
-        ge = (1 - g) * e                                                           # (1-γ)·e^{-c}
-        y = torch.addcmul(lin_num * ge[..., None], g[..., None], num) / \
-            torch.addcmul(torch.addcmul(e * EPS, ge, lin_den), g, den)[..., None]
+    # On CPU, reading the step counters back is free: when every row is at the same position and takes its token
+    # (the usual decode loop), the valid window slots are one contiguous slice and no per-row masking is needed.
+    # On CUDA that read would stall the device, so the per-row path below runs there.
+    uniform = None
+    if not q.is_cuda and (attention_mask is None or bool(attention_mask.all())):
+        seen = st.seen.tolist()
+        uniform = seen[0] if all(x == seen[0] for x in seen) else None
+    if uniform is not None:
+        active, step = None, 1
+        phase = uniform % eta
+        slot = eta + phase
+        wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
+            (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
+        for buf, x in ((wk, k), (wv, v), (wfk, fk)):
+            buf[:, :, slot] = x[:, 0]
+        lo = 0 if uniform >= eta else eta  # W is valid once a chunk is complete; P up to this token
+        o = _read_out(q, fq, gate, wk[:, :, lo:slot + 1], wv[:, :, lo:slot + 1], None, st, scale, mix, lam)
+        boundary = torch.tensor(phase + 1 == eta, device=dev).expand(B) if phase + 1 == eta else None
     else:
-        den = g * den + lin_den  # zero only for a padding row with an empty state
-        y = (g[..., None] * num + lin_num) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    if active is not None:
-        y = torch.where(active[:, None, None], y, torch.zeros_like(y))
-    o = y.unsqueeze(1).to(q.dtype)
+        active = None if attention_mask is None else attention_mask[:, 0] != 0
+        phase = st.seen % eta
+        step = 1 if active is None else active.long()  # tokens each row takes
+
+        # write the token into slot η + phase of the rows that take one (the others keep what the slot holds); in
+        # place, the state's own window is the buffer, else a copy of it
+        rows, slot = torch.arange(B, device=dev), eta + phase
+        wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
+            (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
+        for buf, x in ((wk, k), (wv, v), (wfk, fk)):
+            buf[rows, :, slot] = x[:, 0] if active is None else \
+                torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
+        # slot j of the window holds absolute position base + j; valid ones lie in [0, seen + step)
+        base = (st.seen // eta - 1) * eta
+        wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]                  # [B, 2η]
+        wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
+        o = _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam)
+        if active is not None:
+            o = torch.where(active[:, None, None, None], o, torch.zeros_like(o))
+        boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
+        if not bool(boundary.any()):
+            boundary = None
     if not output_final_state:
         return o, None
 
@@ -105,8 +97,10 @@ def decode_lola_attention(
             return old.copy_(new) if everywhere else old.copy_(torch.where(where, new, old))
         return new if everywhere else torch.where(where, new, old)
 
-    boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
-    if bool(boundary.any()):
+    if boundary is not None:
+        if uniform is not None:
+            base = torch.full((B,), (uniform // eta - 1) * eta, dtype=torch.long, device=dev)
+            wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]
         # rows with a previous chunk W: select from G ∪ W and fold the rest
         sel = boundary & (st.seen >= eta)
         if bool(sel.any()):
@@ -148,3 +142,41 @@ def decode_lola_attention(
     final = LoLAState(h=h, s=s, cache_k=ck, cache_v=cv, cache_fk=cfk, cache_pos=cpos,
                       window_k=wk, window_v=wv, window_fk=wfk, seen=st.seen + step)
     return o, final
+
+
+def _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam):
+    """The output ``[B, 1, H, Dv]`` of one token: one softmax over the cache and the window slots ``wk``/``wv``
+    (masked by ``wvalid`` [B, n] unless every slot given is valid), next to the linear read-out of ``st``."""
+    B, _, H, D = q.shape
+    Hkv, n, Dv = wk.shape[1], wk.shape[2], wv.shape[-1]
+    grp, acc = H // Hkv, st.h.dtype
+    qh = q[:, 0].to(acc).view(B, Hkv, grp, D) * scale
+    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, n)
+    if wvalid is not None:
+        s_w = s_w.masked_fill_(~wvalid[:, None], float('-inf'))
+    m = s_w.amax(-1)                                                               # [B, H]
+    if lam > 0:
+        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam)
+        s_c = s_c.masked_fill_(st.cache_pos < 0, float('-inf'))
+        m = torch.maximum(m, s_c.amax(-1))
+    m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p_w = torch.exp(s_w - m[..., None])
+    num = (p_w.view(B, Hkv, grp, n) @ wv.to(acc)).view(B, H, Dv)
+    den = p_w.sum(-1)
+    if lam > 0:
+        p_c = torch.exp(s_c - m[..., None])
+        num = num.add_((p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv))
+        den = den.add_(p_c.sum(-1))
+    fqh = fq[:, 0].to(acc).unsqueeze(-2)                                           # [B, H, 1, F]
+    lin_num = (fqh @ st.h).view(B, H, Dv)
+    lin_den = (fqh @ st.s.unsqueeze(-1)).view(B, H)
+    g = gate.to(acc)[None, :]
+    if mix == 'lola':
+        e = torch.exp(-m)
+        ge = (1 - g) * e                                                           # (1-γ)·e^{-c}
+        y = torch.addcmul(lin_num * ge[..., None], g[..., None], num) / \
+            torch.addcmul(torch.addcmul(e * EPS, ge, lin_den), g, den)[..., None]
+    else:
+        den = g * den + lin_den  # zero only for a padding row with an empty state
+        y = (g[..., None] * num + lin_num) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return y.unsqueeze(1).to(q.dtype)
