@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/passkey.py --docs 20 --json out/passkey.json
+	$(PY) examples/passkey.py --docs 20 --processes 2 --json out/passkey.json
 
 # every pytest invocation runs even if an earlier one failed; the target fails if any did
 test: $(VENV)/.installed

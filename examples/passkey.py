@@ -1,11 +1,13 @@
 """Pass-key retrieval in miniature: a softmax teacher, its linearized student, and LoLA's sparse cache.
 
     python examples/passkey.py                     # evaluate the shipped weights (every task, 100 documents a cell)
+    python examples/passkey.py --processes 2       # the same, the cells spread over 2 worker processes
     python examples/passkey.py --docs 20 --tasks text   # a cheaper slice
+    python examples/passkey.py --docs-at 8192=20   # 100 documents a cell, 20 at 8K
     python examples/passkey.py --train             # retrain teacher and student from scratch first (≤ 30 min)
     python examples/passkey.py --smoke --json o.json   # tiny end-to-end run (CI)
 
-The teacher is a 2-layer softmax Llama trained on synthetic RULER-style pass-key documents of three tasks
+The teacher is a 3-layer softmax Llama trained on synthetic RULER-style pass-key documents of three tasks
 (``fla_lola.passkey``: ``single`` needle in a repetitive filler, ``text`` needle in held-out English prose,
 ``multikey`` three named needles, one asked); the student is the same model with every attention layer converted to LoLA
 (``fla_lola.convert``) and its feature maps and mixing logits fitted by attention transfer with an empty
@@ -122,22 +124,63 @@ def model_for(variant: str, teacher, student):
     return student
 
 
-def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int, variants: list[str],
-             batch_size: int) -> tuple[dict, dict]:
-    """``hits[task][variant][str(length)]`` and the seconds each variant took."""
+def docs_at(docs: int | dict, length: int) -> int:
+    """Documents per cell at ``length``: one number for every length, or ``{"8192": 20, ...}`` per length."""
+    return docs[str(length)] if isinstance(docs, dict) else docs
+
+
+_WORKER_MODELS = {}
+
+
+def _cell_job(weights: str, variant: str, task: str, length: int, docs: int, batch_size: int, threads: int):
+    """One (variant, task, length) cell in a worker process; the models are loaded once per process."""
+    torch.set_num_threads(threads)
+    if weights not in _WORKER_MODELS:
+        _WORKER_MODELS[weights] = load_models(weights)
+    t0 = time.time()
+    hits = cell_hits(model_for(variant, *_WORKER_MODELS[weights]), task, length, docs, batch_size)
+    return variant, task, length, hits, time.time() - t0
+
+
+def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int | dict, variants: list[str],
+             batch_size: int, processes: int = 1) -> tuple[dict, dict]:
+    """``hits[task][variant][str(length)]`` and the seconds each variant took (summed over processes).
+
+    ``processes > 1`` spreads the cells over that many worker processes (each with ``1/processes`` of torch's
+    threads); every cell is computed exactly as in one process.
+    """
     from tqdm.auto import tqdm
 
+    hits, seconds = {t: {v: {} for v in variants} for t in tasks}, {v: 0.0 for v in variants}
+    total = len(tasks) * len(variants) * sum(docs_at(docs, L) for L in lengths)
+    bar = tqdm(total=total, desc="evaluating", unit="doc", mininterval=2)
+    if processes > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = max(1, torch.get_num_threads() // processes)
+        cells = sorted(((v, t, L) for v in variants for t in tasks for L in lengths), key=lambda c: -c[2])
+        with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+            jobs = [pool.submit(_cell_job, weights, v, t, L, docs_at(docs, L), batch_size, threads)
+                    for v, t, L in cells]
+            for job in cf.as_completed(jobs):
+                v, t, L, h, sec = job.result()
+                hits[t][v][str(L)] = h
+                seconds[v] += sec
+                bar.update(len(h))
+                bar.set_postfix_str(f"{t}: {v} @ {L}")
+        bar.close()
+        # the cells in the order one process writes them
+        return {t: {v: {str(L): hits[t][v][str(L)] for L in lengths} for v in variants} for t in tasks}, seconds
     teacher, student = load_models(weights)
-    hits, seconds = {t: {} for t in tasks}, {}
-    bar = tqdm(total=len(tasks) * len(variants) * docs * len(lengths), desc="evaluating", unit="doc", mininterval=2)
     for name in variants:
         t0 = time.time()
         model = model_for(name, teacher, student)
         for task in tasks:
-            hits[task][name] = {}
             for L in lengths:
                 bar.set_postfix_str(f"{task}: {name} @ {L}")
-                hits[task][name][str(L)] = cell_hits(model, task, L, docs, batch_size, on_batch=bar.update)
+                hits[task][name][str(L)] = cell_hits(model, task, L, docs_at(docs, L), batch_size,
+                                                     on_batch=bar.update)
         seconds[name] = time.time() - t0
     bar.close()
     return hits, seconds
@@ -145,6 +188,15 @@ def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int, vari
 
 def accuracy(hits: str) -> float:
     return hits.count("1") / len(hits)
+
+
+def docs_label(docs: int | dict) -> str:
+    if not isinstance(docs, dict):
+        return f"{docs} documents per cell"
+    groups = {}
+    for L, n in docs.items():
+        groups.setdefault(n, []).append(L)
+    return "; ".join(f"{n} documents per cell at {', '.join(Ls)}" for n, Ls in groups.items())
 
 
 def table(result: dict) -> str:
@@ -160,7 +212,7 @@ def table(result: dict) -> str:
     max_len = lengths[-1]
     rows.append(f"pairs = exact key-value pairs kept per layer and head at {max_len} tokens "
                 f"(the teacher's KV cache holds {result['kv_pairs'][max_len]}); "
-                f"{result['documents_per_length']} documents per cell.")
+                f"{docs_label(result['documents_per_length'])}.")
     return "\n".join(rows)
 
 
@@ -187,7 +239,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("pass-key exact match (%)")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.suptitle(f"Pass-key retrieval: {result['documents_per_length']} documents per cell")
+    fig.suptitle(f"Pass-key retrieval: {docs_label(result['documents_per_length'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -201,6 +253,10 @@ def main(argv=None) -> dict:
                    help="directory of passkey_{teacher,student}.{safetensors,json}; default: examples/, or out/passkey "
                         "with --train")
     p.add_argument("--docs", type=int, default=None, help="documents per length (default 100; 4 with --smoke)")
+    p.add_argument("--docs-at", nargs="+", default=[], metavar="LENGTH=N",
+                   help="documents per cell at chosen lengths, overriding --docs there (e.g. 8192=20)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="evaluate the cells in this many worker processes (threads are split between them)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="context lengths (default 512 1024 2048 4096 8192)")
     p.add_argument("--tasks", nargs="+", default=list(pk.TASKS), choices=list(pk.TASKS))
@@ -215,6 +271,14 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     lengths = args.lengths or ([128, 256] if args.smoke else [512, 1024, 2048, 4096, 8192])
     docs = args.docs or (4 if args.smoke else 100)
+    if args.docs_at:
+        try:
+            over = {int(L): int(n) for L, n in (x.split("=") for x in args.docs_at)}
+        except ValueError:
+            p.error(f"--docs-at: expected LENGTH=N pairs, got {args.docs_at}")
+        if not set(over) <= set(lengths) or min(over.values()) < 1:
+            p.error(f"--docs-at: lengths must be among {lengths} and N >= 1, got {args.docs_at}")
+        docs = {str(L): over.get(L, docs) for L in lengths}
     tmp = tempfile.TemporaryDirectory() if args.smoke and args.weights is None else None
     weights = args.weights or (tmp.name if tmp else os.path.join("out", "passkey") if args.train else HERE)
     log = (lambda s: None) if args.smoke else (lambda s: print(s, flush=True))
@@ -224,7 +288,7 @@ def main(argv=None) -> dict:
         train(weights, args.smoke, log)
     train_seconds = time.time() - t0
 
-    hits, seconds = evaluate(weights, args.tasks, lengths, docs, args.variants, args.batch_size)
+    hits, seconds = evaluate(weights, args.tasks, lengths, docs, args.variants, args.batch_size, args.processes)
     tasks = {t: {"lengths": lengths,
                  "accuracy": {v: {L: accuracy(h) for L, h in per_len.items()} for v, per_len in hits[t].items()},
                  "hits": hits[t]} for t in args.tasks}
@@ -246,6 +310,7 @@ def main(argv=None) -> dict:
         "train_seconds": round(train_seconds, 1) if (args.train or args.smoke) else None,
         "eval_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "threads": torch.get_num_threads(),
+        "eval_processes": args.processes,
         "weights": os.path.relpath(weights) if tmp is None else None,
     }
     if args.json:  # the numbers first: nothing after this can lose them
@@ -253,8 +318,8 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     print(table(result))
-    print(f"evaluated {docs} documents per cell in {sum(seconds.values()):.0f} s "
-          f"({torch.get_num_threads()} threads)")
+    print(f"evaluated {docs_label(docs)} in {time.time() - t0 - train_seconds:.0f} s wall "
+          f"({torch.get_num_threads()} threads, {args.processes} process(es))")
     png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else "passkey.png")
     plot(result, png)
     print(f"plot: {png}" + (f", numbers: {args.json}" if args.json else ""))

@@ -304,12 +304,63 @@ def test_shipped_weights_reproduce_the_shipped_results():
     with open(os.path.join(ROOT, "examples", "results", "passkey.json")) as f:
         result = json.load(f)
     teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
-    docs = result["documents_per_length"]
     for variant in ("teacher", "lola", "lola_loo", "lola_value_norm", "lambda0"):
         model = ex.model_for(variant, teacher, student)
         for task, res in result["tasks"].items():
             for L in (512, 1024):
-                shipped = res["hits"][variant][str(L)]
-                assert res["accuracy"][variant][str(L)] == shipped.count("1") / docs
+                shipped, docs = res["hits"][variant][str(L)], ex.docs_at(result["documents_per_length"], L)
+                assert len(shipped) == docs and res["accuracy"][variant][str(L)] == shipped.count("1") / docs
                 got = ex.cell_hits(model, task, L, docs, batch_size=10, first=10)
                 assert got == shipped[:10], (task, variant, L)
+
+
+@pytest.mark.slow
+def test_passkey_processes_and_per_length_documents_give_the_one_process_verdicts(tmp_path):
+    """``--processes 2`` spreads the cells over worker processes and ``--docs-at`` changes one length's document
+    count; every cell equals what one process computes for that length's document set."""
+    import importlib.util
+
+    out = tmp_path / "p.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "passkey.py"), "--weights",
+                          os.path.join(ROOT, "examples"), "--tasks", "single", "multikey", "--lengths", "128", "256",
+                          "--docs", "4", "--docs-at", "256=3", "--variants", "teacher", "lola", "--processes", "2",
+                          "--threads", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["documents_per_length"] == {"128": 4, "256": 3} and result["eval_processes"] == 2
+    assert "4 documents per cell at 128; 3 documents per cell at 256" in run.stdout
+
+    spec = importlib.util.spec_from_file_location("passkey_example", os.path.join(ROOT, "examples", "passkey.py"))
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
+    for task in ("single", "multikey"):
+        for variant in ("teacher", "lola"):
+            for L, docs in ((128, 4), (256, 3)):
+                got = result["tasks"][task]["hits"][variant][str(L)]
+                assert got == ex.cell_hits(ex.model_for(variant, teacher, student), task, L, docs, batch_size=25)
+
+
+@pytest.mark.slow
+def test_cache_report_finds_the_needle_where_it_must_be(tmp_path):
+    """``examples/passkey_cache.py``: a prompt that fits in λ + 2η slots keeps every pair, so every score holds the
+    whole needle; in 1K-token prompts recency holds it only when the needle is recent (not at depth 0), and the
+    report's JSON and PNG are written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("passkey_cache", os.path.join(ROOT, "examples", "passkey_cache.py"))
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    student = pk.load_student(os.path.join(ROOT, "examples", "passkey_student"))
+    set_lola(student, window_size=64, cache_size=64)
+    short = ex.analyse(student, "single", 160, 3)
+    assert short["documents"] == 3
+    assert all(x == 1.0 for xs in short["held"].values() for x in xs)
+    long_ = ex.analyse(student, "single", 1024, 3)         # depths 0, 0.5, 1
+    assert all(0 < x < 1 for x in long_["held"]["recency"])
+    assert all(0 <= p <= 100 for p in long_["value_norm_percentile"])
+
+    out = tmp_path / "c.json"
+    result = ex.main(["--docs", "2", "--length", "256", "--tasks", "multikey", "--json", str(out)])
+    assert json.loads(out.read_text()) == result and set(result["tasks"]) == {"multikey"}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
