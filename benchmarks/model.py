@@ -1,6 +1,6 @@
 """What a user feels: a converted LoLA model against its softmax teacher on this CPU, in one run.
 
-    python benchmarks/model.py [--lengths 1024 4096 16384 32768] [--chunk-size 4096] [--threads 2]
+    python benchmarks/model.py [--lengths 1024 4096 16384 32768] [--chunk-size 2048] [--threads 2]
                                [--json benchmarks/model.json] [--png benchmarks/model.png]
     python benchmarks/model.py --smoke      # tiny model and lengths, seconds: checks that the script runs
 
@@ -148,7 +148,7 @@ def run_config(kind, T, chunk_size, args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--lengths', type=int, nargs='+', default=[1024, 4096, 16384, 32768])
-    ap.add_argument('--chunk-size', type=int, default=4096, help='chunked-prefill piece (0: off)')
+    ap.add_argument('--chunk-size', type=int, default=2048, help='chunked-prefill piece (0: off)')
     ap.add_argument('--decode-steps', type=int, default=32)
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--in-process', action='store_true', help='no subprocesses (peak RSS is then shared)')
