@@ -3,6 +3,11 @@
 No grid, no concatenation that grows with T: the token is written into its P slot, one softmax runs over
 λ cache slots + 2η window slots next to the linear read-out, and at a chunk boundary the state's
 ``G ∪ W`` goes through :func:`select_and_fold` before ``P`` moves into ``W``.
+
+Two ways to the same numbers: on CPU, where reading the rows' token counts back costs nothing, rows that all sit
+at one position and all take their token (the usual decode loop) read one contiguous slice of valid window slots,
+with no masks and no scatter; otherwise (CUDA, padding, rows at different positions) every row is masked on its
+own. ``tests/test_ops.py`` checks both against the naive reference.
 """
 
 from __future__ import annotations
@@ -45,9 +50,7 @@ def decode_lola_attention(
     inplace = inplace and initial_state is not None and output_final_state
     st = initial_state if initial_state is not None else \
         LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
-    # On CPU, reading the step counters back is free: when every row is at the same position and takes its token
-    # (the usual decode loop), the valid window slots are one contiguous slice and no per-row masking is needed.
-    # On CUDA that read would stall the device, so the per-row path below runs there.
+    # the contiguous path (module docstring): on CPU only, where reading `seen` back does not stall a device
     uniform = None
     if not q.is_cuda and (attention_mask is None or bool(attention_mask.all())):
         seen = st.seen.tolist()
