@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fla_lola.ops.selection import select_and_fold
-from fla_lola.ops.state import LoLAState, accumulation_dtype
+from fla_lola.ops.state import LoLAState
 from fla_lola.ops.utils import EPS
 
 
@@ -45,11 +45,17 @@ def decode_lola_attention(
     B, _, H, D = q.shape
     Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
     eta, lam, grp = window_size, cache_size, H // k.shape[2]
-    acc = accumulation_dtype(q.dtype)
     dev = q.device
     inplace = inplace and initial_state is not None and output_final_state
     st = initial_state if initial_state is not None else \
         LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
+    # the token goes into slot η + phase of the window; in place, the state's own window is the buffer, else a copy
+    wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
+        (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
+
+    def window_positions():  # [B, 2η]: slot j of the window holds absolute position (seen // η - 1)·η + j
+        return ((st.seen // eta - 1) * eta)[:, None] + torch.arange(2 * eta, device=dev)[None]
+
     # the contiguous path (module docstring): on CPU only, where reading `seen` back does not stall a device
     uniform = None
     if not q.is_cuda and (attention_mask is None or bool(attention_mask.all())):
@@ -59,29 +65,22 @@ def decode_lola_attention(
         active, step = None, 1
         phase = uniform % eta
         slot = eta + phase
-        wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
-            (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
         for buf, x in ((wk, k), (wv, v), (wfk, fk)):
             buf[:, :, slot] = x[:, 0]
         lo = 0 if uniform >= eta else eta  # W is valid once a chunk is complete; P up to this token
         o = _read_out(q, fq, gate, wk[:, :, lo:slot + 1], wv[:, :, lo:slot + 1], None, st, scale, mix, lam)
-        boundary = torch.tensor(phase + 1 == eta, device=dev).expand(B) if phase + 1 == eta else None
+        boundary = torch.ones(B, dtype=torch.bool, device=dev) if phase + 1 == eta else None  # every row or none
     else:
         active = None if attention_mask is None else attention_mask[:, 0] != 0
         phase = st.seen % eta
         step = 1 if active is None else active.long()  # tokens each row takes
 
-        # write the token into slot η + phase of the rows that take one (the others keep what the slot holds); in
-        # place, the state's own window is the buffer, else a copy of it
+        # rows that take no token keep what their slot holds
         rows, slot = torch.arange(B, device=dev), eta + phase
-        wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
-            (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
         for buf, x in ((wk, k), (wv, v), (wfk, fk)):
             buf[rows, :, slot] = x[:, 0] if active is None else \
                 torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
-        # slot j of the window holds absolute position base + j; valid ones lie in [0, seen + step)
-        base = (st.seen // eta - 1) * eta
-        wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]                  # [B, 2η]
+        wpos = window_positions()                             # valid slots hold positions in [0, seen + step)
         wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
         o = _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam)
         if active is not None:
@@ -102,8 +101,7 @@ def decode_lola_attention(
 
     if boundary is not None:
         if uniform is not None:
-            base = torch.full((B,), (uniform // eta - 1) * eta, dtype=torch.long, device=dev)
-            wpos = base[:, None] + torch.arange(2 * eta, device=dev)[None]
+            wpos = window_positions()
         # rows with a previous chunk W: select from G ∪ W and fold the rest
         sel = boundary & (st.seen >= eta)
         if bool(sel.any()):
