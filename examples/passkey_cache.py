@@ -27,6 +27,7 @@ from fla_lola.cache_names import OUTPUT_CACHE_FIELD
 from fla_lola.convert import set_lola
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]  # the demo student's η, λ
 SCORES = ("sre", "loo", "value_norm", "recency", "random")
 
 
@@ -96,10 +97,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     student = pk.load_student(os.path.join(args.weights, "passkey_student"))
-    set_lola(student, window_size=64, cache_size=64)
-    result = dict(length=args.length, window_size=64, cache_size=64, docs=args.docs,
+    set_lola(student, window_size=ETA, cache_size=LAM)
+    result = dict(length=args.length, window_size=ETA, cache_size=LAM, docs=args.docs,
                   tasks={t: analyse(student, t, args.length, args.docs) for t in args.tasks})
-    print(f"Needle digits stored exactly (cache or window) after a {args.length}-token prompt, η = λ = 64; "
+    print(f"Needle digits stored exactly (cache or window) after a {args.length}-token prompt, η = {ETA}, λ = {LAM}; "
           "mean over heads and documents, per layer:")
     for task, r in result["tasks"].items():
         print(f"task: {task} ({r['documents']} documents)")

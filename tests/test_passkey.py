@@ -268,6 +268,16 @@ def test_selection_reaches_every_layer_of_a_converted_model():
 # ---------------------------------------------------------------- the demo
 
 
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_passkey_smoke_writes_json_and_png(tmp_path):
     out = tmp_path / "passkey.json"
@@ -296,11 +306,7 @@ def test_passkey_smoke_writes_json_and_png(tmp_path):
 def test_shipped_weights_reproduce_the_shipped_results():
     """The first 10 documents of each (task, length ≤ 1K) cell, for the teacher and four student variants, give
     exactly the verdicts the shipped JSON recorded for them in its full run (same code path, same documents)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("passkey_example", os.path.join(ROOT, "examples", "passkey.py"))
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = load_example("passkey")
     with open(os.path.join(ROOT, "examples", "results", "passkey.json")) as f:
         result = json.load(f)
     teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
@@ -318,8 +324,6 @@ def test_shipped_weights_reproduce_the_shipped_results():
 def test_passkey_processes_and_per_length_documents_give_the_one_process_verdicts(tmp_path):
     """``--processes 2`` spreads the cells over worker processes and ``--docs-at`` changes one length's document
     count; every cell equals what one process computes for that length's document set."""
-    import importlib.util
-
     out = tmp_path / "p.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "passkey.py"), "--weights",
                           os.path.join(ROOT, "examples"), "--tasks", "single", "multikey", "--lengths", "128", "256",
@@ -330,9 +334,7 @@ def test_passkey_processes_and_per_length_documents_give_the_one_process_verdict
     assert result["documents_per_length"] == {"128": 4, "256": 3} and result["eval_processes"] == 2
     assert "4 documents per cell at 128; 3 documents per cell at 256" in run.stdout
 
-    spec = importlib.util.spec_from_file_location("passkey_example", os.path.join(ROOT, "examples", "passkey.py"))
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = load_example("passkey")
     teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
     for task in ("single", "multikey"):
         for variant in ("teacher", "lola"):
@@ -346,11 +348,7 @@ def test_cache_report_finds_the_needle_where_it_must_be(tmp_path):
     """``examples/passkey_cache.py``: a prompt that fits in λ + 2η slots keeps every pair, so every score holds the
     whole needle; in 1K-token prompts recency holds it only when the needle is recent (not at depth 0), and the
     report's JSON and PNG are written."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("passkey_cache", os.path.join(ROOT, "examples", "passkey_cache.py"))
-    ex = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ex)
+    ex = load_example("passkey_cache")
     student = pk.load_student(os.path.join(ROOT, "examples", "passkey_student"))
     set_lola(student, window_size=64, cache_size=64)
     short = ex.analyse(student, "single", 160, 3)
