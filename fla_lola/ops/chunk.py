@@ -170,13 +170,16 @@ def chunk_lola_attention(
             # rows, so their logit is 0 ≤ c and their [v | 1] row is zero: they add exactly nothing and need no
             # mask. Future keys of the current chunk are set to 0 before the max and zeroed after the exp. No
             # -inf ever reaches exp (whose vectorized CPU kernel takes a slow path on underflowing inputs).
-            s_w = s_w.masked_fill_(hid, 0.)
+            # The future keys are the upper triangle of the current-chunk half, hence `tril_` on that view
+            # (~10× faster on CPU than a broadcast boolean mask).
+            s_w[..., eta:].tril_(lo)
             m = s_w.amax(-1)
             if lam > 0:
                 m = torch.maximum(m, s_g.amax(-1))
             m = m.clamp(min=0).unsqueeze(-1)
             if in_place:
-                p_w = s_w.sub_(m).exp_().masked_fill_(hid, 0.)
+                p_w = s_w.sub_(m).exp_()
+                p_w[..., eta:].tril_(lo)
             else:
                 p_w = torch.exp(s_w - m).masked_fill(hid, 0.)
             nd = torch.bmm(p_w, window(V1, c))                                  # [M, η, Dv+1]
