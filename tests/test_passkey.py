@@ -362,3 +362,23 @@ def test_cache_report_finds_the_needle_where_it_must_be(tmp_path):
     result = ex.main(["--docs", "2", "--length", "256", "--tasks", "multikey", "--json", str(out)])
     assert json.loads(out.read_text()) == result and set(result["tasks"]) == {"multikey"}
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loo_duplicates_example_keeps_the_needle_where_copies_crowd_sre_out(tmp_path):
+    """``examples/loo_duplicates.py``: with a feature per pattern, a copy read against the other copies is recalled
+    exactly (LOO score ≈ 0) while the needle, alone on its feature, keeps the largest LOO score: LOO keeps it in
+    every trial. SRE, which reads cached copies against a memory that never folded them, loses it in some; JSON and
+    PNG are written, and a length that leaves no room for the needle is refused."""
+    ex = load_example("loo_duplicates")
+    out = tmp_path / "d.json"
+    result = ex.main(["--trials", "16", "--lengths", "128", "256", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    kept = result["features"]["separating"]["kept"]
+    assert kept["loo"] == {"128": 1.0, "256": 1.0}
+    assert kept["sre"]["256"] < 1.0
+    for feats in result["features"].values():
+        for metric in feats.values():
+            assert set(metric) == set(ex.SCORES) and all(0 <= x <= 1 for s in metric.values() for x in s.values())
+    with pytest.raises(SystemExit):
+        ex.main(["--lengths", "48"])
