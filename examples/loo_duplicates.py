@@ -1,6 +1,6 @@
 """Where leave-one-out selection beats self-recall error: a needle among repeating pairs, at the op level.
 
-    python examples/loo_duplicates.py                       # 100 trials per cell, 256 / 1K / 4K tokens, seconds
+    python examples/loo_duplicates.py                       # 100 trials per cell, 256 / 1K / 4K tokens, ~30 s
     python examples/loo_duplicates.py --trials 20 --json out/loo_duplicates.json
 
 The pass-key models of ``examples/passkey.py`` cannot tell SRE and LOO apart (README). This isolates the case LOO is
