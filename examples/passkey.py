@@ -4,6 +4,8 @@
     python examples/passkey.py --processes 2       # the same, the cells spread over 2 worker processes
     python examples/passkey.py --docs 20 --tasks text   # a cheaper slice
     python examples/passkey.py --docs-at 8192=20   # 100 documents a cell, 20 at 8K
+    python examples/passkey.py --cache-size 16 --lengths 1024 2048 --variants lola lola_loo lola_value_norm
+                                                   # the selection scores with a tighter sparse cache
     python examples/passkey.py --train             # retrain teacher and student from scratch first (≤ 30 min)
     python examples/passkey.py --smoke --json o.json   # tiny end-to-end run (CI)
 
@@ -44,31 +46,40 @@ from fla_lola import passkey as pk
 from fla_lola.convert import set_lola
 
 ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]
-VARIANTS = {
-    "teacher": None,
-    "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"),
-    "lola": dict(window_size=ETA, cache_size=LAM, selection="sre"),
-    "lola_loo": dict(window_size=ETA, cache_size=LAM, selection="loo"),
-    "bigger_window": dict(window_size=ETA + LAM // 2, cache_size=0, selection="sre"),
-    "lola_recency": dict(window_size=ETA, cache_size=LAM, selection="recency"),
-    "lola_value_norm": dict(window_size=ETA, cache_size=LAM, selection="value_norm"),
-    "lola_random": dict(window_size=ETA, cache_size=LAM, selection="random"),
-}
-LABELS = {
-    "teacher": "softmax teacher (full KV cache)",
-    "lambda0": f"λ=0, η={ETA} (LoLCATs)",
-    "lola": f"LoLA η={ETA}, λ={LAM}, SRE",
-    "lola_loo": "LoLA, leave-one-out SRE",
-    "bigger_window": f"window only, η={ETA + LAM // 2}",
-    "lola_recency": "LoLA, recency",
-    "lola_value_norm": "LoLA, value norm",
-    "lola_random": "LoLA, random",
-}
 
 
-def stored_pairs(variant: str, length: int) -> int:
+def variant_configs(cache_size: int = LAM) -> dict:
+    """Each variant's η, λ and score (``None``: the teacher), with the LoLA variants' cache at ``cache_size``; the
+    bigger window keeps the same number of exact pairs (2η' = λ + 2η)."""
+    lola = {name: dict(window_size=ETA, cache_size=cache_size, selection=score) for name, score in (
+        ("lola", "sre"), ("lola_loo", "loo"), ("lola_recency", "recency"), ("lola_value_norm", "value_norm"),
+        ("lola_random", "random"))}
+    return {"teacher": None, "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"), "lola": lola["lola"],
+            "lola_loo": lola["lola_loo"],
+            "bigger_window": dict(window_size=ETA + cache_size // 2, cache_size=0, selection="sre"),
+            **{name: lola[name] for name in ("lola_recency", "lola_value_norm", "lola_random")}}
+
+
+VARIANTS = variant_configs()
+
+
+def variant_labels(cache_size: int = LAM) -> dict:
+    return {
+        "teacher": "softmax teacher (full KV cache)",
+        "lambda0": f"λ=0, η={ETA} (LoLCATs)",
+        "lola": f"LoLA η={ETA}, λ={cache_size}, SRE",
+        "lola_loo": "LoLA, leave-one-out SRE",
+        "bigger_window": f"window only, η={ETA + cache_size // 2}",
+        "lola_recency": "LoLA, recency",
+        "lola_value_norm": "LoLA, value norm",
+        "lola_random": "LoLA, random",
+    }
+
+
+
+def stored_pairs(variant: str, length: int, cache_size: int = LAM) -> int:
     """Exact key-value pairs one layer keeps per head after ``length`` tokens."""
-    cfg = VARIANTS[variant]
+    cfg = variant_configs(cache_size)[variant]
     if cfg is None:
         return length
     return min(length, cfg["cache_size"] + 2 * cfg["window_size"])
@@ -117,10 +128,11 @@ def load_models(weights: str):
     return pk.load_teacher(os.path.join(weights, "passkey_teacher")), pk.load_student(os.path.join(weights, "passkey_student"))
 
 
-def model_for(variant: str, teacher, student):
-    if VARIANTS[variant] is None:
+def model_for(variant: str, teacher, student, cache_size: int = LAM):
+    cfg = variant_configs(cache_size)[variant]
+    if cfg is None:
         return teacher
-    set_lola(student, **VARIANTS[variant])
+    set_lola(student, **cfg)
     return student
 
 
@@ -132,18 +144,19 @@ def docs_at(docs: int | dict, length: int) -> int:
 _WORKER_MODELS = {}
 
 
-def _cell_job(weights: str, variant: str, task: str, length: int, docs: int, batch_size: int, threads: int):
+def _cell_job(weights: str, variant: str, task: str, length: int, docs: int, batch_size: int, threads: int,
+              cache_size: int):
     """One (variant, task, length) cell in a worker process; the models are loaded once per process."""
     torch.set_num_threads(threads)
     if weights not in _WORKER_MODELS:
         _WORKER_MODELS[weights] = load_models(weights)
     t0 = time.time()
-    hits = cell_hits(model_for(variant, *_WORKER_MODELS[weights]), task, length, docs, batch_size)
+    hits = cell_hits(model_for(variant, *_WORKER_MODELS[weights], cache_size), task, length, docs, batch_size)
     return variant, task, length, hits, time.time() - t0
 
 
 def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int | dict, variants: list[str],
-             batch_size: int, processes: int = 1) -> tuple[dict, dict]:
+             batch_size: int, processes: int = 1, cache_size: int = LAM) -> tuple[dict, dict]:
     """``hits[task][variant][str(length)]`` and the seconds each variant took (summed over processes).
 
     ``processes > 1`` spreads the cells over that many worker processes (each with ``1/processes`` of torch's
@@ -161,7 +174,7 @@ def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int | dic
         threads = max(1, torch.get_num_threads() // processes)
         cells = sorted(((v, t, L) for v in variants for t in tasks for L in lengths), key=lambda c: -c[2])
         with cf.ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
-            jobs = [pool.submit(_cell_job, weights, v, t, L, docs_at(docs, L), batch_size, threads)
+            jobs = [pool.submit(_cell_job, weights, v, t, L, docs_at(docs, L), batch_size, threads, cache_size)
                     for v, t, L in cells]
             for job in cf.as_completed(jobs):
                 v, t, L, h, sec = job.result()
@@ -175,7 +188,7 @@ def evaluate(weights: str, tasks: list[str], lengths: list[int], docs: int | dic
     teacher, student = load_models(weights)
     for name in variants:
         t0 = time.time()
-        model = model_for(name, teacher, student)
+        model = model_for(name, teacher, student, cache_size)
         for task in tasks:
             for L in lengths:
                 bar.set_postfix_str(f"{task}: {name} @ {L}")
@@ -202,11 +215,11 @@ def docs_label(docs: int | dict) -> str:
 def table(result: dict) -> str:
     lengths = [str(L) for L in next(iter(result["tasks"].values()))["lengths"]]
     head = f"{'variant':<34} {'pairs':>6} " + " ".join(f"{L:>7}" for L in lengths)
-    rows = []
+    rows, names = [], variant_labels(result["cache_size"])
     for task, res in result["tasks"].items():
         rows += [f"task: {task}", head, "-" * len(head)]
         for name, accs in res["accuracy"].items():
-            rows.append(f"{LABELS[name]:<34} {result['stored_pairs'][name]:>6} "
+            rows.append(f"{names[name]:<34} {result['stored_pairs'][name]:>6} "
                         + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
         rows.append("")
     max_len = lengths[-1]
@@ -222,13 +235,13 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(result["tasks"])
+    tasks, names = list(result["tasks"]), variant_labels(result["cache_size"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks) + 3, 4.5), sharey=True, squeeze=False)
     lengths = result["tasks"][tasks[0]]["lengths"]
     for ax, task in zip(axes[0], tasks):
         for name, accs in result["tasks"][task]["accuracy"].items():
             ax.plot(lengths, [100 * accs[str(L)] for L in lengths], marker="o",
-                    label=f"{LABELS[name]} ({result['stored_pairs'][name]} pairs)",
+                    label=f"{names[name]} ({result['stored_pairs'][name]} pairs)",
                     linewidth=2.5 if name in ("lola", "lola_loo") else 1.5,
                     linestyle="--" if name == "lola_loo" else "-")
         ax.set_xscale("log", base=2)
@@ -261,11 +274,15 @@ def main(argv=None) -> dict:
                    help="context lengths (default 512 1024 2048 4096 8192)")
     p.add_argument("--tasks", nargs="+", default=list(pk.TASKS), choices=list(pk.TASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--cache-size", type=int, default=LAM,
+                   help=f"λ of every LoLA variant (default {LAM}; the bigger window follows at equal memory)")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="write all numbers here")
     p.add_argument("--png", default=None, help="write the plot here (default: next to --json, else passkey.png)")
     args = p.parse_args(argv)
+    if args.cache_size < 1:
+        p.error(f"--cache-size must be >= 1, got {args.cache_size}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,7 +305,8 @@ def main(argv=None) -> dict:
         train(weights, args.smoke, log)
     train_seconds = time.time() - t0
 
-    hits, seconds = evaluate(weights, args.tasks, lengths, docs, args.variants, args.batch_size, args.processes)
+    hits, seconds = evaluate(weights, args.tasks, lengths, docs, args.variants, args.batch_size, args.processes,
+                             args.cache_size)
     tasks = {t: {"lengths": lengths,
                  "accuracy": {v: {L: accuracy(h) for L, h in per_len.items()} for v, per_len in hits[t].items()},
                  "hits": hits[t]} for t in args.tasks}
@@ -298,10 +316,10 @@ def main(argv=None) -> dict:
         "accuracy": tasks["single"]["accuracy"] if "single" in tasks else {},
         "tasks": tasks,
         "window_size": ETA,
-        "cache_size": LAM,
-        "stored_pairs": {v: stored_pairs(v, max(lengths)) for v in args.variants},
+        "cache_size": args.cache_size,
+        "stored_pairs": {v: stored_pairs(v, max(lengths), args.cache_size) for v in args.variants},
         "kv_pairs": {str(L): L for L in lengths},
-        "variants": {v: VARIANTS[v] for v in args.variants},
+        "variants": {v: variant_configs(args.cache_size)[v] for v in args.variants},
         "documents_per_length": docs,
         "eval_seed": pk.EVAL_SEED,
         "equal_memory": "stored pairs = λ + 2η per layer and head (cache + previous chunk + current chunk); "

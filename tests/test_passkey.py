@@ -320,19 +320,44 @@ def test_shipped_weights_reproduce_the_shipped_results():
                 assert got == shipped[:10], (task, variant, L)
 
 
+def test_passkey_variants_at_another_cache_size_keep_equal_memory():
+    """``--cache-size`` moves λ of every LoLA variant and widens the window-only variant to the same number of exact
+    pairs; ``model_for`` sets it on every layer of the student."""
+    from fla_lola.distill import lola_layers
+
+    ex = load_example("passkey")
+    for lam in (8, 16, 64):
+        cfgs = ex.variant_configs(lam)
+        assert set(cfgs) == set(ex.VARIANTS) and cfgs["teacher"] is None and cfgs["lambda0"]["cache_size"] == 0
+        scores = {cfgs[n]["selection"] for n in cfgs if n.startswith("lola")}
+        assert scores == {"sre", "loo", "recency", "value_norm", "random"}
+        lola = [cfgs[n] for n in cfgs if n.startswith("lola")]
+        assert all(c["cache_size"] == lam and c["window_size"] == ex.ETA for c in lola)
+        assert ex.stored_pairs("bigger_window", 8192, lam) == ex.stored_pairs("lola", 8192, lam) == lam + 2 * ex.ETA
+    assert ex.variant_configs() == ex.VARIANTS
+    teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
+    ex.model_for("lola_loo", teacher, student, 16)
+    assert {(layer.cache_size, layer.selection) for layer in lola_layers(student)} == {(16, "loo")}
+    assert (student.config.cache_size, student.config.selection) == (16, "loo")
+
+
 @pytest.mark.slow
 def test_passkey_processes_and_per_length_documents_give_the_one_process_verdicts(tmp_path):
-    """``--processes 2`` spreads the cells over worker processes and ``--docs-at`` changes one length's document
-    count; every cell equals what one process computes for that length's document set."""
+    """``--processes 2`` spreads the cells over worker processes, ``--docs-at`` changes one length's document
+    count and ``--cache-size`` reaches the workers; every cell equals what one process computes for that length's
+    document set."""
     out = tmp_path / "p.json"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "passkey.py"), "--weights",
                           os.path.join(ROOT, "examples"), "--tasks", "single", "multikey", "--lengths", "128", "256",
                           "--docs", "4", "--docs-at", "256=3", "--variants", "teacher", "lola", "--processes", "2",
-                          "--threads", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                          "--threads", "2", "--cache-size", "8", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["documents_per_length"] == {"128": 4, "256": 3} and result["eval_processes"] == 2
     assert "4 documents per cell at 128; 3 documents per cell at 256" in run.stdout
+    assert result["cache_size"] == result["variants"]["lola"]["cache_size"] == 8
+    assert result["stored_pairs"]["lola"] == 8 + 2 * 64 and "LoLA η=64, λ=8, SRE" in run.stdout
 
     ex = load_example("passkey")
     teacher, student = ex.load_models(os.path.join(ROOT, "examples"))
@@ -340,7 +365,7 @@ def test_passkey_processes_and_per_length_documents_give_the_one_process_verdict
         for variant in ("teacher", "lola"):
             for L, docs in ((128, 4), (256, 3)):
                 got = result["tasks"][task]["hits"][variant][str(L)]
-                assert got == ex.cell_hits(ex.model_for(variant, teacher, student), task, L, docs, batch_size=25)
+                assert got == ex.cell_hits(ex.model_for(variant, teacher, student, 8), task, L, docs, batch_size=25)
 
 
 @pytest.mark.slow
