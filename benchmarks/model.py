@@ -15,9 +15,12 @@ a fresh subprocess (so each configuration has its own peak RSS) builds the model
   prefill and cache; building the LoLA model holds the teacher too, which is left out), and of the prefill alone
   (the peak from the prompt to the first token minus the RSS just before it).
 
-LoLA also runs with chunked prefill (:func:`fla_lola.prefill.chunked_prefill`, ``--chunk-size`` tokens per call)
-at lengths above the chunk size. Issue 11's targets are printed as met or MISSED with their figures; the memory
-target compares the prefills' own RSS (weights and runtime, the same for both models, are left out).
+The teacher also runs with a no-op attention (each head's output is its query): its TTFT is what both models
+share (embeddings, norms, projections, RoPE, MLP, head), so the script prints what the TTFT target leaves for
+LoLA's attention. LoLA also runs with chunked prefill (:func:`fla_lola.prefill.chunked_prefill`, ``--chunk-size``
+tokens per call) at lengths above the chunk size. Issue 11's targets are printed as met or MISSED with their
+figures; the memory target compares the prefills' own RSS (weights and runtime, the same for both models, are left
+out).
 """
 
 from __future__ import annotations
@@ -67,15 +70,34 @@ def reset_peak_rss() -> bool:
         return False
 
 
+NO_ATTENTION = 'fla_lola_bench_no_attention'
+
+
+def register_no_attention() -> None:
+    """An attention implementation that costs nothing: each head's output is its query (the teacher's shape, no
+    mixing across tokens) and no mask is built. The teacher run with it times what both models share: embeddings,
+    norms, projections, RoPE, the KV-cache writes, the MLP and the head."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.transpose(1, 2), None
+
+    AttentionInterface.register(NO_ATTENTION, no_attention)
+    AttentionMaskInterface.register(NO_ATTENTION, lambda *args, **kwargs: None)
+
+
 def build(kind: str, dims: dict, max_len: int, window: int, cache: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if kind == 'no_attention':
+        register_no_attention()
     config = LlamaConfig(**dims, max_position_embeddings=max_len, rope_theta=10000.0,
-                         attn_implementation='sdpa', tie_word_embeddings=False)
+                         attn_implementation=NO_ATTENTION if kind == 'no_attention' else 'sdpa',
+                         tie_word_embeddings=False)
     teacher = LlamaForCausalLM(config).eval()
-    if kind == 'teacher':
+    if kind in ('teacher', 'no_attention'):
         return teacher
     from fla_lola.convert import convert_to_lola
     student = convert_to_lola(teacher, window_size=window, cache_size=cache)
@@ -164,14 +186,14 @@ def main(argv=None):
     if args.smoke:
         args.lengths, args.chunk_size, args.decode_steps, args.in_process = [32, 64], 16, 3, True
 
-    configs = [(kind, T, 0) for T in args.lengths for kind in ('teacher', 'lola')]
+    configs = [(kind, T, 0) for T in args.lengths for kind in ('teacher', 'lola', 'no_attention')]
     configs += [('lola', T, args.chunk_size) for T in args.lengths if args.chunk_size and T > args.chunk_size]
     from tqdm import tqdm
     rows = []
     for kind, T, chunk in tqdm(configs, desc='configurations'):
         r = run_config(kind, T, chunk, args)
         rows.append(r)
-        tqdm.write(f"{kind:>7}{'' if not chunk else f' (chunked prefill, {chunk})'} T={T:>6}: TTFT "
+        tqdm.write(f"{kind:>12}{'' if not chunk else f' (chunked prefill, {chunk})'} T={T:>6}: TTFT "
                    f"{r['ttft_s']:.3f} s, decode {r['decode_ms']:.2f} ms/token, peak RSS {r['peak_rss_mib']:.0f} MiB "
                    f"(prefill {r['prefill_rss_mib']:.0f} MiB)")
 
@@ -181,15 +203,15 @@ def main(argv=None):
                 return r
         return None
 
-    print("\n| T | teacher TTFT s | LoLA TTFT s | ratio | LoLA chunked TTFT s | teacher decode ms | LoLA decode ms | "
-          "ratio | teacher prefill RSS MiB | LoLA prefill RSS MiB | LoLA chunked prefill RSS MiB | "
-          "peak RSS teacher / LoLA / chunked MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| T | teacher TTFT s | LoLA TTFT s | ratio | LoLA chunked TTFT s | no-attention TTFT s | "
+          "teacher decode ms | LoLA decode ms | ratio | teacher prefill RSS MiB | LoLA prefill RSS MiB | "
+          "LoLA chunked prefill RSS MiB | peak RSS teacher / LoLA / chunked MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for T in args.lengths:
         t, s, c = get('teacher', T), get('lola', T), get('lola', T, True)
         cf = (lambda key, fmt: '—' if c is None else format(c[key], fmt))
         print(f"| {T} | {t['ttft_s']:.3f} | {s['ttft_s']:.3f} | {t['ttft_s'] / s['ttft_s']:.1f}× | "
-              f"{cf('ttft_s', '.3f')} | "
+              f"{cf('ttft_s', '.3f')} | {get('no_attention', T)['ttft_s']:.3f} | "
               f"{t['decode_ms']:.2f} | {s['decode_ms']:.2f} | {t['decode_ms'] / s['decode_ms']:.1f}× | "
               f"{t['prefill_rss_mib']:.0f} | {s['prefill_rss_mib']:.0f} | {cf('prefill_rss_mib', '.0f')} | "
               f"{t['peak_rss_mib']:.0f} / {s['peak_rss_mib']:.0f} / {cf('peak_rss_mib', '.0f')} |")
@@ -213,11 +235,21 @@ def main(argv=None):
     print()
     for name, value, unit, ok in checks:
         print(f"[{'met' if ok else 'MISSED'}] {name}: {value:.2f}{unit}")
+    # what the TTFT target leaves for LoLA's attention once the shared layers are paid for
+    shared = get('no_attention', longest)['ttft_s']
+    budget = t['ttft_s'] / 4
+    bound = dict(T=longest, teacher_ttft_s=t['ttft_s'], target_ttft_s=budget, no_attention_ttft_s=shared,
+                 attention_budget_s=budget - shared, lola_attention_s=s['ttft_s'] - shared,
+                 best_possible_speedup=t['ttft_s'] / shared)
+    print(f"[bound] at T={longest} the teacher with a no-op attention takes {shared:.2f} s: even attention that cost "
+          f"nothing would make LoLA {bound['best_possible_speedup']:.1f}× faster than the teacher; 4× leaves "
+          f"{budget - shared:.2f} s for LoLA's attention in all layers, which takes {s['ttft_s'] - shared:.2f} s now")
     result = dict(config=dict(model=SMOKE if args.smoke else FULL, window_size=8 if args.smoke else WINDOW,
                               cache_size=8 if args.smoke else CACHE, chunk_size=args.chunk_size,
                               decode_steps=args.decode_steps, threads=args.threads, smoke=args.smoke,
                               in_process=args.in_process),
-                  rows=rows, targets=[dict(name=n, value=v, unit=u, met=bool(ok)) for n, v, u, ok in checks])
+                  rows=rows, targets=[dict(name=n, value=v, unit=u, met=bool(ok)) for n, v, u, ok in checks],
+                  ttft_bound=bound)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f, indent=2)
@@ -227,11 +259,14 @@ def main(argv=None):
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         series = [('teacher', False, '^-', 'teacher (SDPA + DynamicCache)'), ('lola', False, 'o-', 'LoLA η=λ=64'),
-                  ('lola', True, 's--', f'LoLA, chunked prefill ({args.chunk_size})')]
+                  ('lola', True, 's--', f'LoLA, chunked prefill ({args.chunk_size})'),
+                  ('no_attention', False, 'x:', 'teacher, no-op attention (shared layers)')]
         for key, ax, title, unit in (('ttft_s', axes[0], 'Time to first token', 's'),
                                      ('decode_ms', axes[1], 'Decode', 'ms / token'),
                                      ('peak_rss_mib', axes[2], 'Peak RSS', 'MiB')):
             for kind, chunked, style, label in series:
+                if kind == 'no_attention' and key != 'ttft_s':
+                    continue
                 pts = [(T, get(kind, T, chunked)[key]) for T in args.lengths if get(kind, T, chunked)]
                 if pts:
                     ax.plot(*zip(*pts), style, label=label)

@@ -35,5 +35,22 @@ def test_benchmark_smoke_run_writes_json_png_and_every_target(name, tmp_path):
     else:
         assert len(saved['targets']) == 4
         kinds = {(r['model'], bool(r['chunk_size'])) for r in saved['rows']}
-        assert kinds == {('teacher', False), ('lola', False), ('lola', True)}
+        assert kinds == {('teacher', False), ('lola', False), ('lola', True), ('no_attention', False)}
         assert all(r['ttft_s'] > 0 and r['decode_ms'] > 0 for r in saved['rows'])
+        bound = saved['ttft_bound']
+        assert bound['target_ttft_s'] == pytest.approx(bound['teacher_ttft_s'] / 4)
+        assert bound['attention_budget_s'] == pytest.approx(bound['target_ttft_s'] - bound['no_attention_ttft_s'])
+
+
+@torch.no_grad()
+def test_model_benchmark_no_attention_teacher_mixes_no_tokens():
+    """The "shared layers" model of ``benchmarks/model.py`` has no attention: changing earlier tokens leaves a
+    position's logits unchanged, while the real teacher's change."""
+    bench = load('model')
+    ids = torch.randint(3, bench.SMOKE['vocab_size'], (1, 24), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, :20] = (other[0, :20] + 1) % bench.SMOKE['vocab_size']
+    for kind, mixes in (('no_attention', False), ('teacher', True)):
+        model = bench.build(kind, bench.SMOKE, 64, 8, 8)
+        a, b = (model(input_ids=x).logits[0, -1] for x in (ids, other))
+        assert torch.allclose(a, b) != mixes, kind
