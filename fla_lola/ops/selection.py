@@ -63,6 +63,10 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
         in the canonical layout (valid slots first in ascending position, then empty slots).
     """
     D, Dv1 = head_dim, hs.shape[-1]
+    if cache_size == 0:  # λ = 0 keeps nothing: every candidate is folded, in position order, and no score is needed
+        pairs = pairs.to(hs.dtype)
+        hs = torch.baddbmm(hs, pairs[..., D + Dv1:].transpose(1, 2), pairs[..., D:D + Dv1])
+        return hs, pairs[:, :0], pos[:, :0]
     valid = pos >= 0
     C = pos.shape[1]  # λ cache slots + η window slots, so never fewer than λ
     scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head)
