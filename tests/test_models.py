@@ -306,6 +306,36 @@ def test_left_padded_rotary_positions_count_from_first_real_token():
     assert pos[0, 2:].tolist() == [0, 1, 2] and pos[1].tolist() == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_inference_rotary_and_feature_maps_in_blocks_equal_the_one_shot_path(dtype, monkeypatch):
+    """Without autograd, the CPU layer rotates and maps queries and keys in blocks of tokens (small temporaries);
+    with blocks of a few tokens it gives bit for bit the one-shot path that training takes, padding included."""
+    import fla_lola.layers.feature_map as feature_map_module
+    import fla_lola.layers.lola as layer_module
+
+    layer = tiny_model(seed=6, dtype=dtype).model.layers[0].attn
+    q = torch.randn(2, 23, layer.num_heads, layer.head_dim, dtype=dtype)
+    k = torch.randn(2, 23, layer.num_kv_heads, layer.head_dim, dtype=dtype)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, :5] = 0
+
+    def repeat_kv(x):  # the layer's feature map of keys reads them per query head
+        return x.repeat_interleave(layer.num_kv_groups, dim=2)
+
+    for elements in (layer.num_heads * layer.head_dim, 3 * 2 * layer.num_heads * layer.head_dim):  # 1 or 3 tokens
+        monkeypatch.setattr(layer_module, 'CPU_BLOCK_ELEMENTS', elements)
+        monkeypatch.setattr(feature_map_module, 'CPU_BLOCK_ELEMENTS', elements)
+        for attention_mask in (None, mask):
+            with torch.no_grad():
+                blocked = layer.apply_rotary(q, k, attention_mask=attention_mask)
+                blocked += (layer.feature_map_q(blocked[0]), layer.feature_map_k(repeat_kv(blocked[1])))
+            qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+            one_shot = layer.apply_rotary(qg, kg, attention_mask=attention_mask)
+            one_shot += (layer.feature_map_q(one_shot[0]), layer.feature_map_k(repeat_kv(one_shot[1])))
+            assert all(torch.equal(a, b.detach()) for a, b in zip(blocked, one_shot))
+            assert blocked[2].shape == (2, 23, layer.num_heads, layer.feature_map_q.output_dim)
+
+
 def test_right_padded_training_loss_equals_per_row_losses():
     model = tiny_model(seed=4)
     rows = [tokens(1, n, seed=20 + n)[0] for n in (17, 11, 6)]

@@ -7,6 +7,10 @@ import torch.nn as nn
 from transformers import initialization as init
 
 
+# rows of a block of the CPU inference path: temporaries of about this many elements (2 MiB in float32)
+CPU_BLOCK_ELEMENTS = 2 ** 19
+
+
 class LoLCATsFeatureMap(nn.Module):
     r"""Per-head learnable softmax feature map of LoLCATs (Zhang et al., 2024), also used by LoLA.
 
@@ -60,9 +64,26 @@ class LoLCATsFeatureMap(nn.Module):
                 f"x must end in [num_heads={self.num_heads}, head_dim={self.head_dim}]; got shape {tuple(x.shape)}"
             )
         dtype = torch.promote_types(x.dtype, torch.float32)
-        z = torch.einsum('...hd,hdf->...hf', x.to(dtype), self.weight.to(dtype))
-        phi = torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).clamp(min=self.eps)
-        return phi.to(x.dtype)
+        weight = self.weight.to(dtype)
+        if x.device.type == 'cpu' and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return self._forward_in_blocks(x, weight, dtype)
+        return self._phi(x.to(dtype), weight).to(x.dtype)
+
+    def _phi(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum('...hd,hdf->...hf', x, weight)
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1).clamp(min=self.eps)
+
+    def _forward_in_blocks(self, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The same map over blocks of rows, written into one output. On CPU a long prefill's temporaries (the
+        logits, two softmaxes, their concatenation) are each tens of MB, and every fresh allocation that large is
+        paid again in page faults (~0.5 ms per MB here, more than the arithmetic); block-sized temporaries are
+        reused from the allocator's heap. Rows are independent, so the result is the one-shot map's."""
+        rows = x.reshape(-1, self.num_heads, self.head_dim)
+        out = torch.empty(rows.shape[0], self.num_heads, self.output_dim, dtype=x.dtype, device=x.device)
+        block = max(1, CPU_BLOCK_ELEMENTS // (self.num_heads * self.output_dim))
+        for i in range(0, rows.shape[0], block):
+            out[i:i + block] = self._phi(rows[i:i + block].to(dtype), weight)
+        return out.view(*x.shape[:-1], self.output_dim)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, feature_dim={self.feature_dim}"

@@ -12,7 +12,7 @@ from fla.modules.rotary.ops import rotate_half
 from transformers import initialization as init
 
 from fla_lola.cache_names import refuse_stray_cache
-from fla_lola.layers.feature_map import LoLCATsFeatureMap
+from fla_lola.layers.feature_map import CPU_BLOCK_ELEMENTS, LoLCATsFeatureMap
 from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init, rope_type_of
 from fla_lola.ops import LoLAState, lola_attention
 
@@ -372,11 +372,23 @@ class LoLAAttention(nn.Module):
         cos = torch.cat([cos, cos], dim=-1)[:, :, None]
         sin = torch.cat([sin, sin], dim=-1)[:, :, None]
 
-        def rotate(x):
+        def rotate(x, cos, sin):
             xf = x.to(dtype)
             return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
-        return rotate(q), rotate(k)
+        def rotate_in_blocks(x):
+            # without autograd, blocks of tokens written into one output: the same values, with block-sized
+            # temporaries instead of five full-size ones (see LoLCATsFeatureMap._forward_in_blocks: on CPU, large
+            # fresh allocations cost more in page faults than the arithmetic)
+            if torch.is_grad_enabled() and x.requires_grad:
+                return rotate(x, cos, sin)
+            out = torch.empty_like(x)
+            block = max(1, CPU_BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
+            for t in range(0, q_len, block):
+                out[:, t:t + block] = rotate(x[:, t:t + block], cos[:, t:t + block], sin[:, t:t + block])
+            return out
+
+        return rotate_in_blocks(q), rotate_in_blocks(k)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
