@@ -51,6 +51,30 @@ def test_torch_low_precision_error_is_pytorchs_own(p, dtype):
     assert error <= 2 * own_error + 2 * output_rounding + 1e-12, (error, own_error, output_rounding)
 
 
+@given(p=problems(max_T=64, max_window=4), data=st.data())
+def test_torch_grid_in_segments_matches_naive(p, data):
+    """Without autograd the torch backend lays its packed grid out a segment of chunks at a time; with segments of
+    one chunk (the most refills) outputs and final state still equal the reference, continuing a state at any
+    phase, and bit for bit what one segment gives."""
+    from unittest import mock
+
+    import fla_lola.ops.chunk as chunk
+
+    cut = data.draw(st.integers(0, p.q.shape[1] - 1), label='cut')
+    o_ref, s_ref = run(p, 'naive', output_final_state=True)
+    results = []
+    for elements in (1, chunk.SEGMENT_ELEMENTS):
+        with mock.patch.object(chunk, 'SEGMENT_ELEMENTS', elements), torch.no_grad():
+            o0, state = run(p, 'torch', tensors=p.slice(0, cut), output_final_state=True) if cut else (None, None)
+            o1, state = run(p, 'torch', tensors=p.slice(cut, p.q.shape[1]), initial_state=state,
+                            output_final_state=True)
+        results.append((o1 if o0 is None else torch.cat([o0, o1], 1), state))
+    torch.testing.assert_close(results[0][0], o_ref, atol=1e-10, rtol=1e-9)
+    assert_states_equal(results[0][1], s_ref, atol=1e-10, rtol=1e-9)
+    assert torch.equal(results[0][0], results[1][0])
+    assert_states_equal(results[0][1], results[1][1], atol=0, rtol=0)
+
+
 # ---- 2. streaming -------------------------------------------------------------------------------
 
 @given(p=problems(max_T=48), data=st.data(), backends=st.sampled_from([('torch', 'torch'), ('naive', 'torch'),

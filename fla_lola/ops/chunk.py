@@ -9,7 +9,9 @@ A row whose state has consumed ``seen`` tokens puts its ``i``-th new token at sl
 chunk 0 onwards; the slots before are the state's partial chunk. Padding never enters the grid. When every row
 takes all its tokens at the same phase (no padding, no packing: every prefill of ``generate``), queries are read
 chunk by chunk straight from ``q`` and ``φq`` and outputs written straight into ``o``; otherwise they go through a
-query grid laid out like the pairs.
+query grid laid out like the pairs. In that uniform case without autograd the grid is only ever held a segment of
+chunks at a time (``SEGMENT_ELEMENTS``), refilled from the inputs as the loop moves on: same values, no
+whole-sequence buffer to allocate and fault in.
 
 Work per chunk ``c`` (all rows and heads at once; the grid stores each pair as one row ``[k | v | 1 | φk]``):
 
@@ -30,6 +32,10 @@ import torch
 from fla_lola.ops.selection import select_and_fold
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS, token_rows
+
+# without autograd, the uniform layout's packed grid is held a segment of chunks at a time, of about this many
+# elements (8 MiB in float32)
+SEGMENT_ELEMENTS = 2 ** 21
 
 
 def chunk_lola_attention(
@@ -76,24 +82,50 @@ def chunk_lola_attention(
 
     # each slot's pair packed as [k | v | 1 | φk] per query head (the 1 is 0 at invalid slots): one tensor to
     # concatenate and gather at boundaries, and [v | 1] gives a numerator and its denominator in one product.
-    # Written in place, one pass per input: the state's W and P first, then the tokens.
     uniform = attention_mask is None and cu_seqlens is None and bool((phase == phase[0]).all())
-    alloc = torch.empty if uniform else torch.zeros  # the uniform layout zeroes only the slots nothing writes
-    grid = alloc(N, Hkv, grp, G_len, E, dtype=acc, device=dev)
     fields = ((0, D), (D, D + Dv), (D + Dv + 1, E))
+    windows = (state.window_k, state.window_v, state.window_fk)
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, fq, fk, gate, state.h, state.s, state.cache_k, state.cache_v,
+                                  state.cache_fk, *windows))
 
     def per_group(x):  # [..., H, ...] split into [..., Hkv, grp, ...] at dim 1 (k, v broadcast over the group)
         return x.unflatten(1, (Hkv, grp)) if x.shape[1] == H else x.unsqueeze(2)
 
-    for (lo, hi), w in zip(fields, (state.window_k, state.window_v, state.window_fk)):
-        grid[:, :, :, :2 * eta, lo:hi] = per_group(w)
     if uniform:
         # every row takes all T tokens at the same phase: plain slices, no scatter. Queries are read straight from
         # q and φq chunk by chunk (a view when B == 1) and outputs written straight into o: no query grid.
         p0 = int(phase[0])
-        grid[:, :, :, max(2 * eta, eta + p0 + T):].zero_()
-        for (lo, hi), x in zip(fields, (k, v, fk)):
-            grid[:, :, :, eta + p0:eta + p0 + T, lo:hi] = per_group(x.transpose(1, 2))
+
+        def fill(dst, s0):
+            """Grid slots ``s0 ..`` into ``dst`` ``[N, Hkv, grp, n, E]``: token ``i`` at slot ``η + p0 + i``, the
+            state's W and P at the slots below 2η that no token takes, zeros elsewhere."""
+            n = dst.shape[3]
+            t0, t1 = min(T, max(0, s0 - eta - p0)), min(T, max(0, s0 + n - eta - p0))
+            a = min(max(t0 + eta + p0 - s0, 0), n)
+            b = min(max(t1 + eta + p0 - s0, a), n)                 # dst[..., a:b] holds tokens t0:t1
+            for lo_, hi_ in ((0, a), (b, n)):
+                mid = min(hi_, max(lo_, 2 * eta - s0))              # dst[..., lo_:mid] from the state
+                if mid > lo_:
+                    for (lo, hi), w in zip(fields, windows):
+                        dst[..., lo_:mid, lo:hi] = per_group(w)[..., s0 + lo_:s0 + mid, :]
+                if hi_ > mid:
+                    dst[..., mid:hi_, :].zero_()
+            if b > a:
+                for (lo, hi), x in zip(fields, (k, v, fk)):
+                    dst[..., a:b, lo:hi] = per_group(x[:, t0:t1].transpose(1, 2))
+            dst[..., D + Dv] = kvalid[:, None, None, s0:s0 + n].to(acc)
+
+        # Without autograd the grid is laid out a segment of query chunks at a time (grid chunks g0 .. g0 + S + 1,
+        # refilled in place): a long prefill never allocates the whole packed grid, whose fresh pages would cost
+        # more to fault in than the copy itself, and the segment stays in cache. With autograd, one segment holds
+        # the whole grid (the backward pass reads every chunk).
+        S = C if needs_grad else max(1, min(C, SEGMENT_ELEMENTS // max(1, M * eta * E)))
+        grid = torch.empty(N, Hkv, grp, (S + 2) * eta, E, dtype=acc, device=dev)
+
+        def segment(g0):
+            fill(grid[:, :, :, :min(S + 2, C + 2 - g0) * eta], g0 * eta)
+
         o = q.new_empty(B, T, H, Dv, dtype=acc)
 
         def queries(c):  # (first query slot in chunk c, its tokens t0:t1, queries [M, n, D], features [M, n, F])
@@ -107,12 +139,17 @@ def chunk_lola_attention(
         def untangle():
             return o
     else:
+        S = C   # one segment: the whole grid, written once, the state's W and P first, then the tokens
+        grid = torch.zeros(N, Hkv, grp, G_len, E, dtype=acc, device=dev)
+        for (lo, hi), w in zip(fields, windows):
+            grid[:, :, :, :2 * eta, lo:hi] = per_group(w)
         qgrid = torch.zeros(N, H, C * eta, D + F, dtype=acc, device=dev)
         tb, tt = rows.valid.nonzero(as_tuple=True)               # real tokens, in (b, t) order
         tr = rows.row[tb, tt]
         slot = eta + phase[tr] + rows.index[tb, tt]              # grid slot of each real token
         for (lo, hi), x in zip(fields, (k, v, fk)):
             grid[tr, :, :, slot, lo:hi] = x[tb, tt].unflatten(1, (Hkv, -1)).to(acc)
+        grid[..., D + Dv] = kvalid[:, None, None, :].to(acc)
         qgrid[tr, :, slot - eta] = torch.cat([q, fq], -1)[tb, tt].to(acc)
         qgrid = qgrid.view(M, C, eta, D + F)
         y_all = q.new_empty(M, C, eta, Dv, dtype=acc)
@@ -126,10 +163,12 @@ def chunk_lola_attention(
         def untangle():
             y = y_all.view(N, H, C * eta, Dv).transpose(1, 2)
             return q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta])
-    grid[..., D + Dv] = kvalid[:, None, None, :].to(acc)
 
-    PAIRS = grid.view(M, C + 2, eta, E)
-    K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, C+2, η, ·] views
+        def segment(g0):
+            pass
+
+    PAIRS = grid.view(M, S + 2, eta, E)   # grid chunks g0 .. g0 + S + 1 of the current segment
+    K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, S+2, η, ·] views
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     kpos = pos.repeat_interleave(H, dim=0).view(M, C + 2, eta)
     heads = torch.arange(H, device=dev).repeat(N)                                    # [M] query head index
@@ -142,7 +181,7 @@ def chunk_lola_attention(
     hidden = ~torch.cat([torch.ones(eta, eta, dtype=torch.bool, device=dev),
                          torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)   # [η, 2η]
 
-    def window(x, c):  # [M, C+2, η, d] slice of PAIRS -> [M, 2η, d]: grid chunks c (W) and c+1, still a view
+    def window(x, c):  # [M, S+2, η, d] slice of PAIRS -> [M, 2η, d]: segment chunks c (W) and c+1, still a view
         return x[:, c:c + 2].reshape(M, 2 * eta, x.shape[-1])
 
     # the memory [H | s] and the cache, packed like the grid
@@ -151,17 +190,21 @@ def chunk_lola_attention(
     cache = torch.cat([state.cache_k.reshape(M, lam, D).to(acc), state.cache_v.reshape(M, lam, Dv).to(acc),
                        (cpos >= 0).unsqueeze(-1).to(acc), state.cache_fk.reshape(M, lam, F).to(acc)], -1)
     # without autograd, the boundary's candidates G ∪ W are assembled in one reused buffer
-    cand_buf = None if torch.is_grad_enabled() and (PAIRS.requires_grad or cache.requires_grad) else \
-        PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
+    cand_buf = None if needs_grad else PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
     logit_buf = grid.new_empty(M, eta, 2 * eta + lam)  # baddbmm's ignored input (beta=0): scaled logits in one op
     # without autograd, temporaries are overwritten in place (exp's backward would need its output)
     in_place = cand_buf is not None
+    g0 = 0   # the current segment's first grid chunk
     for c in range(C):
+        if c == g0 + S or c == 0:
+            g0 = c
+            segment(g0)
         # ---- 1. softmax logits over W ∪ (causal) current chunk, and over the cache --------------
         lo, t0, t1, Qc, FQc = queries(c)
         n = Qc.shape[1]
         hid = hidden[lo:lo + n]
-        s_w = torch.baddbmm(logit_buf[:, :n, :2 * eta], Qc, window(K, c).transpose(1, 2), beta=0, alpha=scale)
+        s_w = torch.baddbmm(logit_buf[:, :n, :2 * eta], Qc, window(K, c - g0).transpose(1, 2), beta=0,
+                            alpha=scale)
         if lam > 0:                                                             # [M, n, 2η], [M, n, λ]
             s_g = torch.baddbmm(logit_buf[:, :n, 2 * eta:], Qc, cache[..., :D].transpose(1, 2), beta=0,
                                 alpha=scale)
@@ -182,7 +225,7 @@ def chunk_lola_attention(
                 p_w[..., eta:].tril_(lo)
             else:
                 p_w = torch.exp(s_w - m).masked_fill(hid, 0.)
-            nd = torch.bmm(p_w, window(V1, c))                                  # [M, η, Dv+1]
+            nd = torch.bmm(p_w, window(V1, c - g0))                             # [M, η, Dv+1]
             if lam > 0:
                 nd = torch.baddbmm(nd, s_g.sub_(m).exp_() if in_place else torch.exp(s_g - m),
                                    cache[..., D:D + Dv + 1])
@@ -193,7 +236,7 @@ def chunk_lola_attention(
                 s_g = s_g.masked_fill_((cpos < 0)[:, None, :], float('-inf'))
                 m = torch.maximum(m, s_g.amax(-1))
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c))   # [M, η, Dv+1]
+            nd = torch.bmm(torch.exp(s_w - m.unsqueeze(-1)), window(V1, c - g0))   # [M, η, Dv+1]
             if lam > 0:
                 nd = torch.baddbmm(nd, torch.exp(s_g - m.unsqueeze(-1)), cache[..., D:D + Dv + 1])
         lin = torch.bmm(FQc, hs)                                           # [M, η, Dv+1]
@@ -212,7 +255,7 @@ def chunk_lola_attention(
         if not update_any[c]:
             continue
         new_hs, new_cache, new_pos = select_and_fold(
-            selection, lam, hs, torch.cat([cache, PAIRS[:, c]], 1, out=cand_buf),
+            selection, lam, hs, torch.cat([cache, PAIRS[:, c - g0]], 1, out=cand_buf),
             torch.cat([cpos, kpos[:, c]], 1), heads, D)
         if update_all[c]:
             hs, cache, cpos = new_hs, new_cache, new_pos
@@ -227,13 +270,13 @@ def chunk_lola_attention(
     if not output_final_state:
         return o, None
 
-    # ---- final state: W and P are the grid chunks around each row's end ---------------------
+    # ---- final state: W and P are the grid chunks around each row's end (in the last segment) ----
     last = end // eta                                                          # P = grid chunk `last`
-    chunks = torch.stack([last, last + 1], 1)                                  # grid indices of W, P
+    chunks = torch.stack([last, last + 1], 1) - g0                             # segment indices of W, P
     rows_idx = torch.arange(N, device=dev)[:, None]
 
-    def window(x):  # [N, heads, G_len, d] -> [N, heads, 2η, d]: grid chunks W, P of each row
-        x = x.unflatten(2, (C + 2, eta))[rows_idx, :, chunks]                  # [N, 2, heads, η, d]
+    def window(x):  # [N, heads, (S+2)·η, d] -> [N, heads, 2η, d]: grid chunks W, P of each row
+        x = x.unflatten(2, (S + 2, eta))[rows_idx, :, chunks]                  # [N, 2, heads, η, d]
         return x.transpose(1, 2).reshape(N, x.shape[2], 2 * eta, x.shape[-1]).to(q.dtype)
 
     hs = hs.view(N, H, F, Dv + 1)
