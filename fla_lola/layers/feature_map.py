@@ -65,7 +65,9 @@ class LoLCATsFeatureMap(nn.Module):
             )
         dtype = torch.promote_types(x.dtype, torch.float32)
         weight = self.weight.to(dtype)
-        if x.device.type == 'cpu' and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        large = x.numel() // self.head_dim * self.output_dim > CPU_BLOCK_ELEMENTS
+        if large and x.device.type == 'cpu' and not (torch.is_grad_enabled() and (x.requires_grad or
+                                                                                  weight.requires_grad)):
             return self._forward_in_blocks(x, weight, dtype)
         return self._phi(x.to(dtype), weight).to(x.dtype)
 

@@ -380,10 +380,10 @@ class LoLAAttention(nn.Module):
             # without autograd, blocks of tokens written into one output: the same values, with block-sized
             # temporaries instead of five full-size ones (see LoLCATsFeatureMap._forward_in_blocks: on CPU, large
             # fresh allocations cost more in page faults than the arithmetic)
-            if torch.is_grad_enabled() and x.requires_grad:
+            block = max(1, CPU_BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
+            if q_len <= block or (torch.is_grad_enabled() and x.requires_grad):
                 return rotate(x, cos, sin)
             out = torch.empty_like(x)
-            block = max(1, CPU_BLOCK_ELEMENTS // max(1, x[:, :1].numel()))
             for t in range(0, q_len, block):
                 out[:, t:t + block] = rotate(x[:, t:t + block], cos[:, t:t + block], sin[:, t:t + block])
             return out
