@@ -147,30 +147,35 @@ def decode_lola_attention(
 
 def _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam):
     """The output ``[B, 1, H, Dv]`` of one token: one softmax over the cache and the window slots ``wk``/``wv``
-    (masked by ``wvalid`` [B, n] unless every slot given is valid), next to the linear read-out of ``st``."""
+    (masked by ``wvalid`` [B, n] unless every slot given is valid), next to the linear read-out of ``st``.
+
+    Every product is a plain ``bmm`` over ``B·Hkv`` (window: a group's queries share its keys) or ``B·H`` (cache,
+    memory) batches of 3-d views: a step is a few dozen small ops, so each op saved counts."""
     B, _, H, D = q.shape
     Hkv, n, Dv = wk.shape[1], wk.shape[2], wv.shape[-1]
     grp, acc = H // Hkv, st.h.dtype
-    qh = q[:, 0].to(acc).view(B, Hkv, grp, D) * scale
-    s_w = (qh @ wk.to(acc).transpose(-1, -2)).view(B, H, n)
+    F = fq.shape[-1]
+    qh = q[:, 0].to(acc) * scale                                                   # [B, H, D]
+    s_w = torch.bmm(qh.reshape(B * Hkv, grp, D), wk.to(acc).reshape(B * Hkv, n, D).transpose(1, 2)).view(B, H, n)
     if wvalid is not None:
         s_w = s_w.masked_fill_(~wvalid[:, None], float('-inf'))
     m = s_w.amax(-1)                                                               # [B, H]
     if lam > 0:
-        s_c = (qh.view(B, H, 1, D) @ st.cache_k.to(acc).transpose(-1, -2)).view(B, H, lam)
-        s_c = s_c.masked_fill_(st.cache_pos < 0, float('-inf'))
+        s_c = torch.bmm(qh.reshape(B * H, 1, D), st.cache_k.to(acc).reshape(B * H, lam, D).transpose(1, 2))
+        s_c = s_c.view(B, H, lam).masked_fill_(st.cache_pos < 0, float('-inf'))
         m = torch.maximum(m, s_c.amax(-1))
     m = m.clamp(min=0) if mix == 'lola' else torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p_w = torch.exp(s_w - m[..., None])
-    num = (p_w.view(B, Hkv, grp, n) @ wv.to(acc)).view(B, H, Dv)
+    num = torch.bmm(p_w.reshape(B * Hkv, grp, n), wv.to(acc).reshape(B * Hkv, n, Dv)).view(B, H, Dv)
     den = p_w.sum(-1)
     if lam > 0:
         p_c = torch.exp(s_c - m[..., None])
-        num = num.add_((p_c.unsqueeze(-2) @ st.cache_v.to(acc)).view(B, H, Dv))
+        num = num.view(B * H, 1, Dv).baddbmm_(p_c.reshape(B * H, 1, lam), st.cache_v.to(acc).reshape(B * H, lam, Dv))
+        num = num.view(B, H, Dv)
         den = den.add_(p_c.sum(-1))
-    fqh = fq[:, 0].to(acc).unsqueeze(-2)                                           # [B, H, 1, F]
-    lin_num = (fqh @ st.h).view(B, H, Dv)
-    lin_den = (fqh @ st.s.unsqueeze(-1)).view(B, H)
+    fqh = fq[:, 0].to(acc)                                                         # [B, H, F]
+    lin_num = torch.bmm(fqh.reshape(B * H, 1, F), st.h.reshape(B * H, F, Dv)).view(B, H, Dv)
+    lin_den = torch.bmm(fqh.reshape(B * H, 1, F), st.s.reshape(B * H, F, 1)).view(B, H)
     g = gate.to(acc)[None, :]
     if mix == 'lola':
         e = torch.exp(-m)
