@@ -150,6 +150,14 @@ def run(args):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=1 H={H} D=Dv={D} F={Fd} η={eta} λ={lam}; "
           f"medians of {args.repeats} interleaved rounds")
     from tqdm import tqdm
+
+    def decode_step(tokens, i, state, validate=False):
+        """Token ``i`` of ``tokens`` (q, k, v, φq, φk, gate) into ``state``, updated in place (what the layer does
+        under fla's Cache)."""
+        lola_attention(*(x[:, i:i + 1] for x in tokens[:5]), tokens[5], window_size=eta, cache_size=lam,
+                       initial_state=state, output_final_state=True, inplace_state=True, backend='torch',
+                       validate=validate)
+
     for T in tqdm(args.lengths, desc='lengths'):
         q, k, v, fq, fk, gate = inputs(T + (args.decode_repeats + 1) * DECODE_BLOCK + 2, H, D, Fd, dtype)
         pre = [x[:, :T] for x in (q, k, v, fq, fk)] + [gate]
@@ -168,20 +176,13 @@ def run(args):
         _, state = lola(lam)
         step = iter(range(T, T + (args.decode_repeats + 1) * DECODE_BLOCK + 2))
 
-        def lola_step():
-            i = next(step)
-            lola_attention(*(x[:, i:i + 1] for x in (q, k, v, fq, fk)), gate, window_size=eta, cache_size=lam,
-                           initial_state=state, output_final_state=True, inplace_state=True, backend='torch',
-                           validate=False)
         q1 = q[:, T:T + 1].transpose(1, 2)
-        td = interleaved_medians({'lola': lola_step,
+        td = interleaved_medians({'lola': lambda: decode_step((q, k, v, fq, fk, gate), next(step), state),
                                   'sdpa': lambda: F.scaled_dot_product_attention(q1, kt, vt)}, args.decode_repeats,
                                  block=DECODE_BLOCK)
         states[T] = state
         scratch = state.clone()
-        ops_step = count_ops(lambda: lola_attention(
-            *(x[:, T:T + 1] for x in (q, k, v, fq, fk)), gate, window_size=eta, cache_size=lam,
-            initial_state=scratch, output_final_state=True, inplace_state=True, backend='torch'))
+        ops_step = count_ops(lambda: decode_step((q, k, v, fq, fk, gate), T, scratch, validate=True))
         in_bytes = sum(x.nbytes for x in pre[:5])
         mem = peak_bytes(lambda: lola(lam)) if T <= args.mem_max_len else None
         ops_prefill = count_ops(lambda: lola(lam)) if T == args.lengths[0] else None
@@ -212,13 +213,7 @@ def run(args):
 
     def stepper(state):
         tokens = itertools.cycle(range(DECODE_POOL))
-
-        def step():
-            i = next(tokens)
-            lola_attention(*(x[:, i:i + 1] for x in pool[:5]), pool[5], window_size=eta, cache_size=lam,
-                           initial_state=state, output_final_state=True, inplace_state=True, backend='torch',
-                           validate=False)
-        return step
+        return lambda: decode_step(pool, next(tokens), state)
     flat = interleaved_medians({r['T']: stepper(states[r['T']]) for r in rows}, args.decode_repeats,
                                block=DECODE_BLOCK)
     for r in rows:

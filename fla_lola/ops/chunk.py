@@ -126,6 +126,7 @@ def chunk_lola_attention(
         def segment(g0):
             fill(grid[:, :, :, :min(S + 2, C + 2 - g0) * eta], g0 * eta)
 
+        segment(0)
         o = q.new_empty(B, T, H, Dv, dtype=acc)
 
         def queries(c):  # (first query slot in chunk c, its tokens t0:t1, queries [M, n, D], features [M, n, F])
@@ -164,9 +165,6 @@ def chunk_lola_attention(
             y = y_all.view(N, H, C * eta, Dv).transpose(1, 2)
             return q.new_zeros(B, T, H, Dv, dtype=acc).index_put((tb, tt), y[tr, slot - eta])
 
-        def segment(g0):
-            pass
-
     PAIRS = grid.view(M, S + 2, eta, E)   # grid chunks g0 .. g0 + S + 1 of the current segment
     K, V1 = PAIRS[..., :D], PAIRS[..., D:D + Dv + 1]                                 # [M, S+2, η, ·] views
     kval = kvalid.repeat_interleave(H, dim=0).view(M, C + 2, eta)
@@ -196,7 +194,7 @@ def chunk_lola_attention(
     in_place = cand_buf is not None
     g0 = 0   # the current segment's first grid chunk
     for c in range(C):
-        if c == g0 + S or c == 0:
+        if c == g0 + S:   # past the segment: only in the uniform layout (otherwise one segment holds all C chunks)
             g0 = c
             segment(g0)
         # ---- 1. softmax logits over W ∪ (causal) current chunk, and over the cache --------------
