@@ -51,13 +51,19 @@ ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]
 def variant_configs(cache_size: int = LAM) -> dict:
     """Each variant's η, λ and score (``None``: the teacher), with the LoLA variants' cache at ``cache_size``; the
     bigger window keeps the same number of exact pairs (2η' = λ + 2η)."""
-    lola = {name: dict(window_size=ETA, cache_size=cache_size, selection=score) for name, score in (
-        ("lola", "sre"), ("lola_loo", "loo"), ("lola_recency", "recency"), ("lola_value_norm", "value_norm"),
-        ("lola_random", "random"))}
-    return {"teacher": None, "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"), "lola": lola["lola"],
-            "lola_loo": lola["lola_loo"],
-            "bigger_window": dict(window_size=ETA + cache_size // 2, cache_size=0, selection="sre"),
-            **{name: lola[name] for name in ("lola_recency", "lola_value_norm", "lola_random")}}
+    def lola(score):
+        return dict(window_size=ETA, cache_size=cache_size, selection=score)
+
+    return {
+        "teacher": None,
+        "lambda0": dict(window_size=ETA, cache_size=0, selection="sre"),
+        "lola": lola("sre"),
+        "lola_loo": lola("loo"),
+        "bigger_window": dict(window_size=ETA + cache_size // 2, cache_size=0, selection="sre"),
+        "lola_recency": lola("recency"),
+        "lola_value_norm": lola("value_norm"),
+        "lola_random": lola("random"),
+    }
 
 
 VARIANTS = variant_configs()
@@ -74,7 +80,6 @@ def variant_labels(cache_size: int = LAM) -> dict:
         "lola_value_norm": "LoLA, value norm",
         "lola_random": "LoLA, random",
     }
-
 
 
 def stored_pairs(variant: str, length: int, cache_size: int = LAM) -> int:
