@@ -145,13 +145,19 @@ MIN_LENGTH = min_length("single")
 
 @dataclass
 class PassKeyBatch:
-    """Documents of one length. ``answer_start`` is the position of the first answer digit."""
+    """Documents of one length. ``answer_start`` is the position of the first answer digit; ``more_answers`` the
+    first digits of further answers (training documents that ask every needle, see :func:`make_batch`)."""
 
     input_ids: torch.Tensor  # [B, T] int64
     answer_start: int
     keys: list[str]
     depths: list[float]
     task: str = "single"
+    more_answers: tuple = ()
+
+    @property
+    def answer_starts(self) -> tuple:
+        return (self.answer_start, *self.more_answers)
 
     @property
     def answers(self) -> torch.Tensor:
@@ -201,8 +207,14 @@ def make_document(length: int, key: str, depth: float, filler_offset: int = 0, *
 
 
 def make_batch(length: int, n: int, generator: random.Random, depths: list[float] | None = None,
-               task: str = "single", split: str = "train") -> PassKeyBatch:
-    """``n`` documents of ``length`` tokens with random keys (and random depths unless given)."""
+               task: str = "single", split: str = "train", ask_all: bool = False) -> PassKeyBatch:
+    """``n`` documents of ``length`` tokens with random keys (and random depths unless given).
+
+    ``ask_all`` (``multikey`` only, for training): after the answer, ask the other needles in turn, each question
+    followed by its answer, so that a document teaches ``N_NEEDLES`` retrievals instead of one. The document up to
+    its first answer is an ordinary ``multikey`` document, ``N_NEEDLES - 1`` question-answer pairs shorter, and the
+    random draws are the same as without ``ask_all``.
+    """
     keys = ["".join(generator.choice(DIGITS) for _ in range(KEY_DIGITS)) for _ in range(n)]
     if depths is None:
         depths = [generator.random() for _ in range(n)]
@@ -215,8 +227,16 @@ def make_batch(length: int, n: int, generator: random.Random, depths: list[float
                            for nm in names[1:])
             kw = dict(name=names[0], others=others)
         offset = generator.randrange(1 << 30)
-        docs.append(make_document(length, key, depth, offset, task=task, split=split, **kw))
-    return PassKeyBatch(torch.tensor(docs), length - KEY_DIGITS, keys, list(depths), task)
+        more = []
+        if ask_all and task == "multikey":
+            more = [_question(nm) + TOKENIZER.encode(" ".join(k)) for nm, k, _ in kw["others"]]
+        doc = make_document(length - sum(map(len, more)), key, depth, offset, task=task, split=split, **kw)
+        docs.append(doc + [t for qa in more for t in qa])
+    starts = [length - KEY_DIGITS]
+    if ask_all and task == "multikey":  # every name is one token, so every question-answer pair has one length
+        qa = len(_question(NAMES[0])) + KEY_DIGITS
+        starts = [length - KEY_DIGITS - qa * i for i in range(N_NEEDLES - 1, -1, -1)]
+    return PassKeyBatch(torch.tensor(docs), starts[0], keys, list(depths), task, tuple(starts[1:]))
 
 
 EVAL_SEED = 20250528  # evaluation documents; training draws from its own seed and never uses this one
@@ -269,13 +289,17 @@ def teacher_config(**overrides):
 @dataclass
 class Phase:
     """``steps`` optimizer steps on documents of ``min_len..max_len`` tokens (log-uniform) at ``lr``; each step draws
-    its task by ``tasks`` (weights; default :data:`TASK_WEIGHTS`)."""
+    its task by ``tasks`` (weights; default :data:`TASK_WEIGHTS`). ``decay``: the learning rate follows a cosine from
+    ``lr`` to 0 over the phase (after the warm-up every phase has); ``ask_all``: ``multikey`` documents ask every
+    needle (:func:`make_batch`)."""
 
     steps: int
     min_len: int
     max_len: int
     lr: float
     tasks: dict | None = None
+    decay: bool = False
+    ask_all: bool = False
 
 
 # Short documents first, `single` and `multikey` mixed from the first step (the answer loss sits at chance until
@@ -297,18 +321,23 @@ TEACHER_TOKENS_PER_STEP = 4096  # a step is one document when the length is abov
 TASK_WEIGHTS = {"single": 0.25, "text": 0.35, "multikey": 0.4}
 
 
-def random_batch(rng: random.Random, min_len: int, max_len: int, tokens: int, weights=None) -> PassKeyBatch:
+def random_batch(rng: random.Random, min_len: int, max_len: int, tokens: int, weights=None,
+                 ask_all: bool = False) -> PassKeyBatch:
     """A training batch: a task drawn by ``weights``, a log-uniform length, ``tokens // length`` documents."""
     weights = weights or TASK_WEIGHTS
     task = rng.choices(list(weights), list(weights.values()))[0]
     length = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
-    length = max(length, min_length(task))
-    return make_batch(length, max(1, tokens // length), rng, task=task, split="train")
+    extra = (N_NEEDLES - 1) * (len(_question(NAMES[0])) + KEY_DIGITS) if ask_all and task == "multikey" else 0
+    length = max(length, min_length(task) + extra)
+    return make_batch(length, max(1, tokens // length), rng, task=task, split="train", ask_all=ask_all)
 
 
-def passkey_loss(logits: torch.Tensor, ids: torch.Tensor, answer_start: int, lm_weight: float = 0.1):
-    """Cross-entropy on the answer digits, plus ``lm_weight`` × next-token loss on every token."""
-    ans = F.cross_entropy(logits[:, answer_start - 1:-1].flatten(0, 1), ids[:, answer_start:].flatten())
+def passkey_loss(logits: torch.Tensor, ids: torch.Tensor, answer_start, lm_weight: float = 0.1):
+    """Cross-entropy on the answer digits, plus ``lm_weight`` × next-token loss on every token. ``answer_start``:
+    the first digit of the answer, or of each answer (a sequence, :attr:`PassKeyBatch.answer_starts`)."""
+    starts = [answer_start] if isinstance(answer_start, int) else list(answer_start)
+    pos = torch.tensor([s + j for s in starts for j in range(KEY_DIGITS)])
+    ans = F.cross_entropy(logits[:, pos - 1].flatten(0, 1), ids[:, pos].flatten())
     lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return ans + lm_weight * lm, ans
 
@@ -330,13 +359,15 @@ def train_teacher(model, schedule=TEACHER_SCHEDULE, tokens_per_step: int = TEACH
         for g in opt.param_groups:
             g["lr"] = phase.lr
         for i in range(phase.steps):
-            warm = min(1.0, (i + 1) / 50)  # short warm-up at every phase change
+            scale = min(1.0, (i + 1) / 50)  # short warm-up at every phase change
+            if phase.decay:
+                scale *= 0.5 * (1 + math.cos(math.pi * i / phase.steps))
             for g in opt.param_groups:
-                g["lr"] = phase.lr * warm
-            batch = random_batch(rng, phase.min_len, phase.max_len, tokens_per_step, phase.tasks)
+                g["lr"] = phase.lr * scale
+            batch = random_batch(rng, phase.min_len, phase.max_len, tokens_per_step, phase.tasks, phase.ask_all)
             length = batch.input_ids.shape[1]
             logits = model(input_ids=batch.input_ids).logits
-            loss, ans = passkey_loss(logits, batch.input_ids, batch.answer_start)
+            loss, ans = passkey_loss(logits, batch.input_ids, batch.answer_starts)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

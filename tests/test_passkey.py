@@ -89,6 +89,35 @@ def test_multikey_documents_have_three_named_needles_and_ask_for_one():
         pk.make_document(512, "12345", 0.5, task="multikey")
 
 
+def test_training_documents_that_ask_every_needle():
+    plain = pk.make_batch(600, 4, random.Random("ask"), task="multikey")
+    asked = pk.make_batch(600, 4, random.Random("ask"), task="multikey", ask_all=True)
+    assert asked.input_ids.shape == (4, 600) and plain.more_answers == () and len(asked.more_answers) == 2
+    assert asked.keys == plain.keys and asked.depths == plain.depths  # the same draws
+    first = asked.answer_start + pk.KEY_DIGITS
+    for doc, key in zip(asked.input_ids.tolist(), asked.keys):
+        text = pk.TOKENIZER.decode(doc)
+        # up to its first answer, an ordinary multikey document: three needles, one question, its key
+        head = pk.TOKENIZER.decode(doc[:first])
+        assert head.endswith(f"is {' '.join(key)}") and head.count("What is") == 1
+        assert text.count("What is the pass key for ") == pk.N_NEEDLES
+        for start in asked.answer_starts:  # every answer is the key of the needle its question names
+            name = pk.TOKENIZER.decode(doc[:start]).split("What is the pass key for ")[-1].split(" ")[0]
+            digits = " ".join(pk.TOKENIZER.vocab[t] for t in doc[start:start + pk.KEY_DIGITS])
+            assert f"The pass key for {name} is {digits} . Remember it ." in text
+    single = pk.make_batch(300, 2, random.Random("ask"), ask_all=True)  # one needle: nothing more to ask
+    assert single.more_answers == ()
+    assert torch.equal(single.input_ids, pk.make_batch(300, 2, random.Random("ask")).input_ids)
+    # the loss takes every answer: an oracle's logits give it no answer loss, corrupting one later answer does
+    ids = asked.input_ids
+    logits = torch.full((*ids.shape, len(pk.TOKENIZER)), -20.0).scatter(-1, ids.roll(-1, 1)[..., None], 20.0)
+    _, ans = pk.passkey_loss(logits, ids, asked.answer_starts)
+    assert ans < 1e-6
+    logits[:, asked.more_answers[-1] + 1] = 0.0
+    assert pk.passkey_loss(logits, ids, asked.answer_starts)[1] > 0.1
+    assert pk.passkey_loss(logits, ids, asked.answer_start)[1] < 1e-6
+
+
 def test_eval_documents_are_fixed_and_spread_in_depth():
     a, b = pk.eval_documents(256, 11), pk.eval_documents(256, 11)
     assert torch.equal(a.input_ids, b.input_ids)
