@@ -206,6 +206,14 @@ def make_document(length: int, key: str, depth: float, filler_offset: int = 0, *
     return doc
 
 
+_QA_LENGTH = len(_question(NAMES[0])) + KEY_DIGITS  # a named question and its answer: every name is one token
+
+
+def _more_length(task: str, ask_all: bool) -> int:
+    """Tokens that ``ask_all`` appends to a ``task`` document: the other needles' questions and answers."""
+    return (N_NEEDLES - 1) * _QA_LENGTH if ask_all and task == "multikey" else 0
+
+
 def make_batch(length: int, n: int, generator: random.Random, depths: list[float] | None = None,
                task: str = "single", split: str = "train", ask_all: bool = False) -> PassKeyBatch:
     """``n`` documents of ``length`` tokens with random keys (and random depths unless given).
@@ -215,6 +223,7 @@ def make_batch(length: int, n: int, generator: random.Random, depths: list[float
     its first answer is an ordinary ``multikey`` document, ``N_NEEDLES - 1`` question-answer pairs shorter, and the
     random draws are the same as without ``ask_all``.
     """
+    extra = _more_length(task, ask_all)
     keys = ["".join(generator.choice(DIGITS) for _ in range(KEY_DIGITS)) for _ in range(n)]
     if depths is None:
         depths = [generator.random() for _ in range(n)]
@@ -228,15 +237,13 @@ def make_batch(length: int, n: int, generator: random.Random, depths: list[float
             kw = dict(name=names[0], others=others)
         offset = generator.randrange(1 << 30)
         more = []
-        if ask_all and task == "multikey":
+        if extra:
             more = [_question(nm) + TOKENIZER.encode(" ".join(k)) for nm, k, _ in kw["others"]]
-        doc = make_document(length - sum(map(len, more)), key, depth, offset, task=task, split=split, **kw)
+        doc = make_document(length - extra, key, depth, offset, task=task, split=split, **kw)
         docs.append(doc + [t for qa in more for t in qa])
-    starts = [length - KEY_DIGITS]
-    if ask_all and task == "multikey":  # every name is one token, so every question-answer pair has one length
-        qa = len(_question(NAMES[0])) + KEY_DIGITS
-        starts = [length - KEY_DIGITS - qa * i for i in range(N_NEEDLES - 1, -1, -1)]
-    return PassKeyBatch(torch.tensor(docs), starts[0], keys, list(depths), task, tuple(starts[1:]))
+    first = length - extra - KEY_DIGITS
+    more_starts = tuple(first + i * _QA_LENGTH for i in range(1, N_NEEDLES)) if extra else ()
+    return PassKeyBatch(torch.tensor(docs), first, keys, list(depths), task, more_starts)
 
 
 EVAL_SEED = 20250528  # evaluation documents; training draws from its own seed and never uses this one
@@ -327,8 +334,7 @@ def random_batch(rng: random.Random, min_len: int, max_len: int, tokens: int, we
     weights = weights or TASK_WEIGHTS
     task = rng.choices(list(weights), list(weights.values()))[0]
     length = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
-    extra = (N_NEEDLES - 1) * (len(_question(NAMES[0])) + KEY_DIGITS) if ask_all and task == "multikey" else 0
-    length = max(length, min_length(task) + extra)
+    length = max(length, min_length(task) + _more_length(task, ask_all))
     return make_batch(length, max(1, tokens // length), rng, task=task, split="train", ask_all=ask_all)
 
 
