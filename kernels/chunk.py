@@ -199,17 +199,18 @@ def lola_fwd_kernel_select(
             slot = w0 + i_w * ETA + o_t
             valid = (o_t < ETA) & slot_valid(slot, seen, end, ETA)
             m_t = o_t < ETA
-            b_f = load_grid(fk, wfk, slot, valid, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f)
+            # (new names: the cache's b_k, b_v, b_f are [BL, ·] and a compiler refuses a block that changes shape)
+            b_fx = load_grid(fk, wfk, slot, valid, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f)
             p_w = (i_nh64 * (2 * ETA) + i_w * ETA + o_t)
-            tl.store(wfk_t + p_w[:, None] * F + o_f[None, :], b_f.to(wfk_t.dtype.element_ty),
+            tl.store(wfk_t + p_w[:, None] * F + o_f[None, :], b_fx.to(wfk_t.dtype.element_ty),
                      mask=m_t[:, None] & m_f[None, :])
             if i_h % (H // HKV) == 0:  # one writer per key head
-                b_k = load_grid(k, wk, slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_d, m_d)
-                b_v = load_grid(v, wv, slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v)
+                b_kx = load_grid(k, wk, slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_d, m_d)
+                b_vx = load_grid(v, wv, slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v)
                 p_w = ((i_n * HKV + i_g).to(tl.int64) * (2 * ETA) + i_w * ETA + o_t)
-                tl.store(wk_t + p_w[:, None] * D + o_d[None, :], b_k.to(wk_t.dtype.element_ty),
+                tl.store(wk_t + p_w[:, None] * D + o_d[None, :], b_kx.to(wk_t.dtype.element_ty),
                          mask=m_t[:, None] & m_d[None, :])
-                tl.store(wv_t + p_w[:, None] * DV + o_v[None, :], b_v.to(wv_t.dtype.element_ty),
+                tl.store(wv_t + p_w[:, None] * DV + o_v[None, :], b_vx.to(wv_t.dtype.element_ty),
                          mask=m_t[:, None] & m_v[None, :])
 
 
