@@ -11,6 +11,7 @@ Shapes (issue 4): bf16, B=1, H=32 (and as many key heads), D=Dv=128, F=128, η=6
 
 Prefill, per length T:
 - ``lola_triton``: ``lola_attention(..., backend="triton")`` with the final state, one row per λ;
+- ``lola_loo``: the same with ``selection="loo"`` (leave-one-out scores) at the first λ;
 - ``sdpa``: ``scaled_dot_product_attention(is_causal=True)`` restricted to the FlashAttention backend;
 - ``chunk_linear_attn``: fla's ``fla.ops.linear_attn.chunk_linear_attn`` on the same features (F=128) and values,
   normalized, with its final state;
@@ -28,7 +29,8 @@ Every time is the median of ``--repeats`` runs after ``--warmup`` runs, timed wi
 ``time.perf_counter`` on CPU; peak memory is ``torch.cuda.max_memory_allocated`` during the call minus what was
 allocated before it (inputs excluded). Ratios compare numbers from this same run. Targets (issue 4), printed with
 the measured value and met/MISSED: LoLA prefill ≤ 1.25× (chunk_linear_attn + sliding_window) at every T; LoLA
-prefill ≥ 3× faster than SDPA at 32K; the LoLA decode step flat in T (max/min − 1 ≤ 25 %). Keep the GPU otherwise
+prefill ≥ 3× faster than SDPA at 32K; the LoLA decode step flat in T (max/min − 1 ≤ 25 %); (issue 12) the
+leave-one-out prefill ≤ 1.1× the self-recall-error prefill at every T. Keep the GPU otherwise
 idle while this runs. ``--smoke`` runs tiny shapes (T ∈ {64, 128}, H=2, D=F=16, η=32) on CPU under
 ``TRITON_INTERPRET=1`` (or on a GPU if there is one): its numbers mean nothing, it checks that the script works.
 """
@@ -52,6 +54,8 @@ from fla_lola import lola_attention
 # method → (what its prefill row times, what its decode row times)
 OPS = {
     'lola_triton': ('lola_attention(backend="triton"), T tokens', 'lola_attention(backend="triton"), 1 token'),
+    'lola_loo': ('lola_attention(backend="triton", selection="loo"), T tokens',
+                 'lola_attention(backend="triton", selection="loo"), 1 token'),
     'sdpa': ('scaled_dot_product_attention(is_causal=True), flash', 'scaled_dot_product_attention, T-token KV cache'),
     'chunk_linear_attn': ('fla chunk_linear_attn(normalize=True)', 'fla fused_recurrent_linear_attn, 1 token'),
     'sliding_window': ('fla parallel_attn(window_size=W)', 'scaled_dot_product_attention, last W keys'),
@@ -174,9 +178,11 @@ def main(argv=None):
               f"{SNAPSHOT_BUDGET / 2**20:.0f} MiB (prefills over {memory[-1]['prefill_segment_tokens']} tokens run in "
               f"segments)")
 
-    configs = [(T, m) for T in args.lengths for m in
-               [('lola_triton', lam) for lam in args.cache_sizes] + [('sdpa', None), ('chunk_linear_attn', None),
-                                                                     ('sliding_window', None)]]
+    lam0 = args.cache_sizes[0]
+    methods = [('lola_triton', lam) for lam in args.cache_sizes] + [('lola_loo', lam0), ('sdpa', None),
+                                                                    ('chunk_linear_attn', None),
+                                                                    ('sliding_window', None)]
+    configs = [(T, m) for T in args.lengths for m in methods]
     rows = []
     cached_T, data = None, None
     for T, (method, lam) in tqdm(configs, desc='configurations', unit='cfg'):
@@ -191,15 +197,16 @@ def main(argv=None):
         q, k, v, fq, fk, gate = pre
         q1, k1, v1, fq1, fk1, _ = one
 
-        if method == 'lola_triton':
+        if method in ('lola_triton', 'lola_loo'):
+            lola = dict(window_size=eta, cache_size=lam, selection='loo' if method == 'lola_loo' else 'sre',
+                        output_final_state=True, backend='triton', validate=False)
+
             def prefill():
-                return lola_attention(*pre, window_size=eta, cache_size=lam, output_final_state=True,
-                                      backend='triton', validate=False)
+                return lola_attention(*pre, **lola)
             _, state = prefill()
 
             def decode():
-                return lola_attention(*one, window_size=eta, cache_size=lam, initial_state=state,
-                                      output_final_state=True, backend='triton', validate=False)
+                return lola_attention(*one, initial_state=state, **lola)
         elif method == 'sdpa':
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             q1t = q1.transpose(1, 2)
@@ -246,7 +253,7 @@ def main(argv=None):
     def get(kind, method, T, lam=None):
         return next(r for r in rows if (r['kind'], r['method'], r['T'], r['cache_size']) == (kind, method, T, lam))
 
-    lolas = [f'lola_triton λ={lam}' for lam in args.cache_sizes]
+    lolas = [f'lola_triton λ={lam}' for lam in args.cache_sizes] + [f'lola_loo λ={lam0}']
     for kind in ('prefill', 'decode'):
         print(f"\n{kind} (ms; peak MiB in parentheses; ratios = baseline / LoLA, > 1: LoLA faster)")
         head = lolas + ['sdpa', 'chunk_linear_attn' if kind == 'prefill' else 'linear_attn_step', 'sliding_window']
@@ -256,9 +263,7 @@ def main(argv=None):
         print('|---' * (len(head) + 1) + '|')
         for T in args.lengths:
             cells = []
-            for method, lam in [('lola_triton', lam) for lam in args.cache_sizes] + [('sdpa', None),
-                                                                                     ('chunk_linear_attn', None),
-                                                                                     ('sliding_window', None)]:
+            for method, lam in methods:
                 r = get(kind, method, T, lam)
                 cells.append(f"{r['ms']:.3f}" + ('' if r['peak_mib'] is None else f" ({r['peak_mib']:.0f})"))
             lola = get(kind, 'lola_triton', T, args.cache_sizes[0])['ms']
@@ -281,6 +286,9 @@ def main(argv=None):
         decs = [get('decode', 'lola_triton', T, lam)['ms'] for T in args.lengths]
         spread = max(decs) / min(decs) - 1
         checks.append((f'λ={lam}: decode step flat in T (max/min − 1 ≤ 25 %)', spread, spread <= 0.25))
+    loo = max(get('prefill', 'lola_loo', T, lam0)['ms'] / get('prefill', 'lola_triton', T, lam0)['ms']
+              for T in args.lengths)
+    checks.append((f'λ={lam0}: leave-one-out prefill ≤ 1.1× SRE prefill, worst T', loo, loo <= 1.1))
     print()
     for text, value, ok in checks:
         print(f"[{'met' if ok else 'MISSED'}] {text}: {value:.2f}")
@@ -299,6 +307,7 @@ def main(argv=None):
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         series = [('lola_triton', lam, f'LoLA triton λ={lam}', 'o-') for lam in args.cache_sizes] + [
+            ('lola_loo', lam0, f'LoLA triton LOO λ={lam0}', 'x:'),
             ('sdpa', None, 'SDPA flash causal', '^-'), ('chunk_linear_attn', None, 'fla chunk_linear_attn', 's--'),
             ('sliding_window', None, f'sliding window {W}', 'd--')]
         for ax, kind in zip(axes, ('prefill', 'decode')):

@@ -462,7 +462,7 @@ def test_gpu_benchmark_smoke_mode_writes_valid_json(tmp_path):
     assert result['config']['smoke'] is True
     assert {'prefill', 'decode'} <= {r['kind'] for r in result['rows']}
     methods = {r['method'] for r in result['rows']}
-    assert {'lola_triton', 'sdpa', 'chunk_linear_attn'} <= methods, methods
+    assert {'lola_triton', 'lola_loo', 'sdpa', 'chunk_linear_attn', 'sliding_window'} <= methods, methods
     for r in result['rows']:
         assert r['ms'] > 0 and r['T'] > 0, r
     assert all({'name', 'value', 'met'} <= set(t) for t in result['targets'])
