@@ -65,8 +65,8 @@ def lola_attention(
         initial_state (Optional[LoLAState]): the state to continue from, one row per batch row (or per
             packed sequence). Never modified, unless ``inplace_state=True``.
         output_final_state (bool): whether to return the state after this call.
-        backend (str): ``"auto"`` (``"triton"`` for CUDA tensors when no gradient is needed, else
-            ``"torch"``), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
+        backend (str): ``"auto"`` (``"torch"`` for now, on every device: the Triton kernels have yet to pass on
+            a GPU), ``"naive"``, ``"torch"`` or ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``).
         validate (bool): check input values (NaN/Inf, feature signs, mask entries, gate range) and the canonical
             cache layout of ``initial_state``; these checks read values back to the host (a GPU sync). Shapes are
             always checked; a decode loop over trusted inputs may turn this off (:class:`LoLAAttention` validates
@@ -91,7 +91,9 @@ def lola_attention(
         raise ValueError("`inplace_state`: updating the state in place needs `output_final_state=True`")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
     if backend == 'auto':
-        backend = 'triton' if q.is_cuda and not needs_grad and selection in TRITON_SELECTIONS else 'torch'
+        # 'triton' runs only when asked for: on its first GPU (README, "GPU") the kernels took minutes to compile at
+        # realistic widths and a float64 one exceeded shared memory; until they pass on a GPU, 'auto' is 'torch'.
+        backend = 'torch'
     if inplace_state and needs_grad:
         raise ValueError("`inplace_state`: the state cannot be updated in place while inputs require grad")
     if inplace_state and initial_state is not None and not (q.shape[1] == 1 and cu_seqlens is None
