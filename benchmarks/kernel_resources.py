@@ -101,8 +101,9 @@ def ptxas_report(ptx: str, arch: int) -> dict:
     return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None)
 
 
-def compile_case(arch, dtype, H, Hkv, D, F, eta, lam, selection, T):
-    """Every kernel of a ``T``-token prefill and a decode step, compiled; rows of what each config needs."""
+def compile_case(arch, limit, dtype, H, Hkv, D, F, eta, lam, selection, T):
+    """Every kernel of a ``T``-token prefill and a decode step, compiled; rows of what each config needs
+    (``fits``: within ``limit`` bytes of shared memory)."""
     from fla_lola.kernels.chunk import chunk_lola_fwd
     from fla_lola.kernels.decode import decode_lola_fwd
 
@@ -122,7 +123,7 @@ def compile_case(arch, dtype, H, Hkv, D, F, eta, lam, selection, T):
         except Exception as e:  # a compile error names the kernel, line and cause
             return [dict(case, kernel=None, error=f'{type(e).__name__}: {e}'[-1500:])]
     return [dict(case, kernel=name, config=config, shared_bytes=kernel.metadata.shared,
-                 fits=kernel.metadata.shared <= SHARED_LIMIT.get(arch, SHARED_LIMIT[90]),
+                 fits=kernel.metadata.shared <= limit,
                  compile_s=round(seconds, 2), **ptxas_report(kernel.asm['ptx'], arch))
             for name, config, kernel, seconds in compiled]
 
@@ -150,12 +151,12 @@ def main(argv=None) -> int:
 
     dtype = getattr(torch, args.dtype)
     eta = args.window_size
+    limit = SHARED_LIMIT.get(args.arch, SHARED_LIMIT[90])
     rows = []
     for lam in args.cache_sizes:
         for selection in args.selections:
-            rows += compile_case(args.arch, dtype, args.heads, args.kv_heads or args.heads, args.head_dim,
+            rows += compile_case(args.arch, limit, dtype, args.heads, args.kv_heads or args.heads, args.head_dim,
                                  args.feature_dim, eta, lam, selection, T=3 * eta + 2)
-    limit = SHARED_LIMIT.get(args.arch, SHARED_LIMIT[90])
     print(f"sm_{args.arch}, {args.dtype}, H={args.heads} Hkv={args.kv_heads or args.heads} D=Dv={args.head_dim} "
           f"F={args.feature_dim} η={eta}; shared-memory limit {limit} bytes per block")
     print('| λ | selection | kernel | config | shared bytes | fits | registers | spilled bytes | compile s |')

@@ -311,14 +311,14 @@ class Phase:
 
 # Short documents first, `single` and `multikey` mixed from the first step (the answer loss sits at chance until
 # retrieval is found), then short documents mostly of `multikey`, then every task up to 1K, and last every task at
-# 1K-4.6K and then 2K-4.6K, with `multikey` documents asking every needle and a cosine learning rate: the model does
-# not extrapolate past the lengths it trained on, so training runs a little past the longest evaluated length, and
-# asking all three needles (three answers per document instead of one) is what lifted 4K from 70 / 65 / 31 % to
-# 94 / 91 / 68 % (`single` / `text` / `multikey`; README, pass-key section). Measured while choosing this (answer loss per digit on `multikey`): a 2-layer model
-# stayed near chance (1.9 after 350 multikey-heavy steps); 3 layers trained on `single` alone first learned to copy
-# *a* needle but not to match the name (0.4-0.5 after 700 such steps; the first digit right about a third of the
-# time); mixing `multikey` in from the first step broke through (0.15 after 950 steps). 4 layers or 8 heads of 16
-# dimensions learned more slowly than 3 layers of 4 × 32.
+# 1K-4.6K and then 2K-4.6K, with `multikey` documents asking every needle and a cosine learning rate: the model does not
+# extrapolate past the lengths it trained on, so training runs a little past the longest evaluated length, and asking
+# all three needles (three answers per document instead of one) is what lifted 4K from 70 / 65 / 31 % to 94 / 91 / 68 %
+# (`single` / `text` / `multikey`; README, pass-key section). Measured while choosing this (answer loss per digit on
+# `multikey`): a 2-layer model stayed near chance (1.9 after 350 multikey-heavy steps); 3 layers trained on `single`
+# alone first learned to copy *a* needle but not to match the name (0.4-0.5 after 700 such steps; the first digit right
+# about a third of the time); mixing `multikey` in from the first step broke through (0.15 after 950 steps). 4 layers or
+# 8 heads of 16 dimensions learned more slowly than 3 layers of 4 × 32.
 TEACHER_SCHEDULE = [
     Phase(500, 73, 160, 1e-3, {"single": 0.5, "multikey": 0.5}),
     Phase(700, 73, 256, 1e-3, {"single": 0.2, "text": 0.2, "multikey": 0.6}),
