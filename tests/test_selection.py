@@ -136,3 +136,47 @@ def test_loo_scores_keep_float32_accuracy_where_subtraction_would_cancel():
     r = torch.bmm(f32, tot) - (f32 * f32).sum(-1, keepdim=True) * torch.cat([v.float(), torch.ones(1, C, 1)], -1)
     subtracted = torch.linalg.vector_norm(v.float() - r[..., :-1] / (r[..., -1:] + 1e-6), dim=-1).double()
     assert (subtracted - exact).abs()[0, 0] > 1e-2 * exact[0, 0].abs()
+    # given the running total (as the chunked backend passes it), the cancelling memory is recomputed directly
+    carried = selection_scores('loo', hs.float(), v.float(), fk.float(), total=tot, **args).double()
+    torch.testing.assert_close(carried, exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_loo_scores_from_the_running_total_equal_the_direct_form(dtype, monkeypatch):
+    """The chunked backend scores "loo" from ``[Hₐ | sₐ]`` minus each candidate's own term; memories where that
+    term dominates (here: memory 1, whose candidate 2 has a feature direction to itself) are recomputed directly.
+    Every memory's scores equal the Gram form's, whichever path it took."""
+    from fla_lola.ops.selection import selection_scores
+
+    g = torch.Generator().manual_seed(1)
+    M, C, F, Dv = 4, 12, 6, 5
+    fk = torch.softmax(3 * torch.randn(M, C, F, generator=g, dtype=torch.float64), -1)
+    fk[1, :, 0] = 0
+    fk[1, 2] = torch.tensor([4.0] + [0.0] * (F - 1), dtype=torch.float64)
+    fk[3, 9:] = 0                                           # invalid candidates hold zeros
+    v = torch.randn(M, C, Dv, generator=g, dtype=torch.float64)
+    v[3, 9:] = 0
+    hs = torch.rand(M, F, Dv + 1, generator=g, dtype=torch.float64)
+    hs[1, 0] = 0
+    ones = (fk.sum(-1, keepdim=True) > 0).to(fk.dtype)
+    total = hs + torch.bmm(fk.transpose(1, 2), torch.cat([v, ones], -1))
+    args = dict(pos=torch.arange(C).repeat(M, 1), head=torch.zeros(M, dtype=torch.long))
+    exact = selection_scores('loo', hs, v, fk, **args)
+    import fla_lola.ops.selection as selection
+    direct, recomputed = selection.leave_one_out_recall, []
+
+    def spy(hs, fk, v, total=None):
+        if total is None:
+            recomputed.append(fk.shape[0])
+        return direct(hs, fk, v, total)
+    monkeypatch.setattr(selection, 'leave_one_out_recall', spy)
+    carried = selection_scores('loo', hs.to(dtype), v.to(dtype), fk.to(dtype), total=total.to(dtype), **args)
+    assert recomputed == [1]                                # memory 1 only
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(carried.double(), exact, **tol)
+    # and the Gram form equals the literal definition: each candidate against H plus every *other* candidate
+    for m, j in [(0, 0), (1, 2), (3, 4)]:
+        others = [c for c in range(C) if c != j]
+        rest = hs[m] + fk[m, others].T @ torch.cat([v[m, others], ones[m, others]], -1)
+        r = fk[m, j] @ rest
+        torch.testing.assert_close(exact[m, j], torch.linalg.vector_norm(v[m, j] - r[:-1] / (r[-1] + 1e-6)))

@@ -187,6 +187,13 @@ def chunk_lola_attention(
     cpos = state.cache_pos.reshape(M, lam)
     cache = torch.cat([state.cache_k.reshape(M, lam, D).to(acc), state.cache_v.reshape(M, lam, Dv).to(acc),
                        (cpos >= 0).unsqueeze(-1).to(acc), state.cache_fk.reshape(M, lam, F).to(acc)], -1)
+    # "loo" reads each candidate against the memory plus every candidate, [Hₐ | sₐ] = [H | s] + Σ_{G ∪ W}. After a
+    # boundary the kept pairs are G and the folded ones are in H, so that total is the next boundary's [H | s] + Σ_G:
+    # carried along, it costs the η new candidates per boundary (scores only: no autograd)
+    loo_total = None
+    if selection == 'loo' and lam > 0:
+        with torch.no_grad():
+            loo_total = torch.baddbmm(hs, cache[..., D + Dv + 1:].transpose(1, 2), cache[..., D:D + Dv + 1])
     # without autograd, the boundary's candidates G ∪ W are assembled in one reused buffer
     cand_buf = None if needs_grad else PAIRS.new_empty(M, lam + eta, PAIRS.shape[-1])
     logit_buf = grid.new_empty(M, eta, 2 * eta + lam)  # baddbmm's ignored input (beta=0): scaled logits in one op
@@ -252,16 +259,23 @@ def chunk_lola_attention(
         # ---- 3. boundary after chunk c: rows whose chunk is complete and whose W exists -----
         if not update_any[c]:
             continue
+        new_total = None
+        if loo_total is not None:
+            with torch.no_grad():
+                w = PAIRS[:, c - g0]
+                new_total = torch.baddbmm(loo_total, w[..., D + Dv + 1:].transpose(1, 2), w[..., D:D + Dv + 1])
         new_hs, new_cache, new_pos = select_and_fold(
             selection, lam, hs, torch.cat([cache, PAIRS[:, c - g0]], 1, out=cand_buf),
-            torch.cat([cpos, kpos[:, c]], 1), heads, D)
+            torch.cat([cpos, kpos[:, c]], 1), heads, D, total=new_total)
         if update_all[c]:
-            hs, cache, cpos = new_hs, new_cache, new_pos
+            hs, cache, cpos, loo_total = new_hs, new_cache, new_pos, new_total
         else:
             update = updates[:, c]
             u = update[:, None, None]
             hs, cache = torch.where(u, new_hs, hs), torch.where(u, new_cache, cache)
             cpos = torch.where(update[:, None], new_pos, cpos)
+            if new_total is not None:
+                loo_total = torch.where(u, new_total, loo_total)
 
     # ---- outputs back to [B, T, H, Dv] ------------------------------------------------------
     o = untangle().to(q.dtype)

@@ -14,18 +14,22 @@ def selection_scores(
     fk: torch.Tensor,
     pos: torch.Tensor,
     head: torch.Tensor,
+    total: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[M, C]`` of ``C`` candidates in ``M`` independent (row, head) memories; larger is kept.
 
     ``hs`` [M, F, Dv+1] is the memory ``[H | s]``, ``v`` [M, C, Dv], ``fk`` [M, C, F], ``pos`` [M, C],
     ``head`` [M]. Invalid candidates hold zeros. "sre" is the spec's self-recall error
-    ``‖v − Hᵀφk / (sᵀφk + ε)‖``; "loo" the same against the memory plus every *other* candidate.
+    ``‖v − Hᵀφk / (sᵀφk + ε)‖``; "loo" the same against the memory plus every *other* candidate. For "loo" a
+    caller that keeps the running total ``[Hₐ | sₐ]`` (memory plus every candidate, :func:`leave_one_out_recall`)
+    passes it as ``total``, which makes the score cost no more than "sre"'s.
     """
     if selection in ('sre', 'loo'):
         fk, v = fk.to(hs.dtype), v.to(hs.dtype)
-        r = torch.bmm(fk, hs)                                                   # φ_jᵀ[H | s]  [M, C, Dv+1]
         if selection == 'loo':
-            r = r + leave_one_out_recall(fk, v)
+            r = leave_one_out_recall(hs, fk, v, total)
+        else:
+            r = torch.bmm(fk, hs)                                               # φ_jᵀ[H | s]  [M, C, Dv+1]
         return torch.linalg.vector_norm(v - r[..., :-1] / (r[..., -1:] + EPS), dim=-1)
     if selection == 'recency':
         return pos.to(hs.dtype)
@@ -34,20 +38,38 @@ def selection_scores(
     return random_score(pos, head[:, None].expand_as(pos)).to(hs.dtype)
 
 
-def leave_one_out_recall(fk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Σ_{c≠j} (φ_jᵀφ_c) [v_c | 1]`` for every candidate ``j``: ``[M, C, Dv+1]``.
+def leave_one_out_recall(hs: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
+                         total: torch.Tensor | None = None) -> torch.Tensor:
+    """``φ_jᵀ[H | s] + Σ_{c≠j} (φ_jᵀφ_c) [v_c | 1]`` for every candidate ``j``: ``[M, C, Dv+1]``.
 
-    The "loo" score reads candidate ``j`` against ``H + Σ_{c≠j} φ_c v_cᵀ``. Formed through the Gram matrix with
-    its diagonal zeroed, never as ``(H + Σ_c) − φ_j v_jᵀ``: features are non-negative, so the denominator is a
-    sum of non-negative terms with no cancellation, and float32 stays as accurate as for "sre".
+    Two forms of the same sums (docs/SPEC.md, "Leave-one-out selection"):
+
+    * with ``total`` = ``[Hₐ | sₐ]`` (the memory plus *every* candidate, which the chunked backend carries from
+      boundary to boundary at the cost of adding the η new candidates): ``φ_jᵀ total − ‖φ_j‖² [v_j | 1]``, one
+      product like "sre"'s. Subtracting candidate ``j``'s own term cancels when that term dominates, so a memory
+      where some candidate's own term ``‖φ_j‖²`` exceeds the rest of its denominator ``φ_jᵀ(sₐ − φ_j)`` is
+      recomputed in the direct form below. Elsewhere the subtraction keeps at least half of the total, so its
+      rounding error is at most twice the direct form's.
+    * without: through the candidates' Gram matrix with its diagonal zeroed, never by subtraction: features are
+      non-negative, so the denominator is a sum of non-negative terms with no cancellation.
     """
-    gram = torch.bmm(fk, fk.transpose(1, 2))                                   # [M, C, C]
-    gram.diagonal(dim1=1, dim2=2).zero_()
-    return torch.cat([torch.bmm(gram, v), gram.sum(-1, keepdim=True)], -1)
+    if total is None:
+        gram = torch.bmm(fk, fk.transpose(1, 2))                               # [M, C, C]
+        gram.diagonal(dim1=1, dim2=2).zero_()
+        return torch.baddbmm(torch.cat([torch.bmm(gram, v), gram.sum(-1, keepdim=True)], -1), fk, hs)
+    r = torch.bmm(fk, total.to(hs.dtype))                                      # φ_jᵀ[Hₐ | sₐ]
+    own = torch.linalg.vector_norm(fk, dim=-1, keepdim=True).square_()         # ‖φ_j‖²  [M, C, 1]
+    r[..., :-1].addcmul_(own, v, value=-1)
+    r[..., -1:].sub_(own)
+    cancels = (r[..., -1:] < own).flatten(1).any(1)                           # [M]
+    if bool(cancels.any()):
+        bad = cancels.nonzero().squeeze(1)
+        r[bad] = leave_one_out_recall(hs[bad], fk[bad], v[bad])
+    return r
 
 
 def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor, pos: torch.Tensor,
-                    head: torch.Tensor, head_dim: int):
+                    head: torch.Tensor, head_dim: int, total: torch.Tensor | None = None):
     """One boundary for ``M`` memories whose candidates ``G ∪ W`` are given in ascending position order.
 
     Args:
@@ -57,6 +79,8 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
         pos: ``[M, C]`` int64 positions, ``-1`` for an invalid candidate; valid ones ascend along ``C``.
         head: ``[M]`` int64 query-head index of each memory (for the "random" score).
         head_dim: ``D``, where the packed value starts.
+        total: for "loo", optionally ``[M, F, Dv+1]`` the memory plus every candidate (see
+            :func:`leave_one_out_recall`); ignored by the other scores.
 
     Returns:
         ``(hs, cache, cache_pos)``: the memory after folding and the new cache ``[M, λ, D + Dv + 1 + F]``
@@ -69,7 +93,8 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
         return hs, pairs[:, :0], pos[:, :0]
     valid = pos >= 0
     C = pos.shape[1]  # λ cache slots + η window slots, so never fewer than λ
-    scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head)
+    with torch.no_grad():  # scores only order the candidates: no gradient flows through a choice
+        scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head, total)
     scores = scores.masked_fill(~valid, float('-inf'))
     # a stable sort on the negated score: largest first, and among equal scores the earlier position
     # (candidates ascend in position), exactly the spec's tie rule
