@@ -60,7 +60,7 @@ def block(n: int) -> int:
 # (the K of every float32 FMA dot), the memory's value columns in tiles of VTILE (sequential kernels) and of
 # OUT_VTILE (output pass, one program per tile; its features in chunks of OUT_KCHUNK), rank comparisons against
 # RANKCOLS candidates at a time.
-ROWS, KCHUNK, VTILE, OUT_VTILE, OUT_KCHUNK, RANKCOLS = 32, 32, 32, 64, 16, 16
+ROWS, KCHUNK, VTILE, OUT_VTILE, OUT_KCHUNK, RANKCOLS = 32, 32, 32, 64, 16, 8
 
 
 def tiles(D: int, Dv: int, F: int, eta: int, lam: int) -> dict:
