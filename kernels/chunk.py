@@ -3,16 +3,19 @@
 The split mirrors fla's chunked linear attention (``chunk_fwd_h`` then ``chunk_fwd_o`` in
 ``fla/ops/common/``):
 
-1. :func:`lola_fwd_kernel_select`, one program per (row, query head), walks the row's chunks in order
-   carrying ``H`` [F, Dv] and ``s`` [F] in registers. Before each chunk it stores the snapshot
-   ``(H, s)`` the chunk's queries read and the chunk's cache as λ *references*; at each boundary it scores
-   ``G ∪ W`` by self-recall error, keeps the top λ (ties → earlier position) and folds the rest with one
-   ``tl.dot``. At the end it writes the final :class:`~fla_lola.ops.state.LoLAState` in the canonical layout.
-2. :func:`lola_fwd_kernel_o`, one program per (chunk, query head), all chunks in parallel: a
-   FlashAttention-style online softmax over the chunk's sparse cache (in blocks), the previous chunk and
-   the causal current chunk, merged with the linear read-out ``φq·H``, ``φq·s`` under the spec's single
-   normalizer; with ``mix="lola"`` the running max starts at 0, which is the spec's overflow guard
-   ``c = max(0, max a)``.
+1. :func:`lola_fwd_kernel_select`, one program per (row, query head), walks the row's chunks in order.
+   The memory ``H`` [F, Dv], ``s`` [F] lives in global memory, in the per-chunk snapshot buffers the output
+   pass reads: chunk ``i``'s snapshot is the memory before its boundary, and the boundary writes the memory
+   after it into chunk ``i + 1``'s snapshot (the last one into the final state). Before each chunk it stores
+   the chunk's cache as λ *references*; at each boundary it scores ``G ∪ W`` by self-recall error, keeps the
+   top λ (ties → earlier position) and folds the rest, all in row blocks of candidates and tiles of ``H``
+   (:func:`fla_lola.kernels.select.boundary`), so no register block grows with F·Dv or (λ+η)². At the end
+   it writes the final :class:`~fla_lola.ops.state.LoLAState` in the canonical layout.
+2. :func:`lola_fwd_kernel_o`, one program per (chunk, query head, tile of value columns), all in parallel:
+   a FlashAttention-style online softmax over the chunk's sparse cache (in blocks), the previous chunk and
+   the causal current chunk, merged with the linear read-out ``φq·H``, ``φq·s`` (features in chunks) under
+   the spec's single normalizer; with ``mix="lola"`` the running max starts at 0, which is the spec's
+   overflow guard ``c = max(0, max a)``.
 
 **The grid.** Every row (batch row or packed sequence) is addressed on a chunk-aligned grid of slots:
 slots ``[0, η)`` are the state's ``W``, slots ``[η, η + seen % η)`` the state's partial chunk ``P``, and
@@ -39,7 +42,7 @@ import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_lola.kernels.select import boundary_scores, place, rank_and_place
+from fla_lola.kernels.select import boundary, copy_memory, load_grid, load_refs, slot_valid
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -53,6 +56,28 @@ def block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
+# Tiles of the kernels (docs: kernels/select.py): candidates in row blocks of ROWS, features in chunks of KCHUNK
+# (the K of every float32 FMA dot), the memory's value columns in tiles of VTILE (sequential kernels) and of
+# OUT_VTILE (output pass, one program per tile; its features in chunks of OUT_KCHUNK), rank comparisons against
+# RANKCOLS candidates at a time.
+ROWS, KCHUNK, VTILE, OUT_VTILE, OUT_KCHUNK, RANKCOLS = 32, 32, 32, 64, 16, 8
+
+
+def tiles(D: int, Dv: int, F: int, eta: int, lam: int) -> dict:
+    """Block and tile sizes of the sequential kernels (select, decode) for these widths."""
+    BL, BT = block(lam), block(eta)
+    return dict(BT=BT, BL=BL, BR=min(ROWS, BL, BT), BJ=RANKCOLS, TD=min(KCHUNK, block(max(D, Dv, F))),
+                TK=min(KCHUNK, block(F)), TV=min(VTILE, block(Dv)))
+
+
+def scratch(n: int, t: dict, extra_refs: int, acc: torch.dtype, device):
+    """Per-program scratch of :func:`fla_lola.kernels.select.boundary`: int32 reference lists and fold flags
+    (plus ``extra_refs`` lists of BL), and scores with the leave-one-out Gram rows in the accumulation dtype."""
+    BL, BT, BR = t['BL'], t['BT'], t['BR']
+    return (torch.empty(n, (2 + extra_refs) * BL + BT, dtype=torch.int32, device=device),
+            torch.empty(n, (BL + BT) * (1 + BR), dtype=acc, device=device))
+
+
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
@@ -64,53 +89,12 @@ def tl_acc(dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------------------
-# slot addressing
-# ---------------------------------------------------------------------------------------------------
-
-@triton.jit
-def slot_valid(slot, seen, end, ETA: tl.constexpr):
-    """Grid slot holds a real pair: the state's W (slot < η, once η tokens were seen) or P / a new token."""
-    # (scalar conditions enter as bounds, not as `block & scalar_bool`, which the interpreter mistypes)
-    w_end = tl.where(seen >= ETA, ETA, 0)
-    return (slot >= 0) & ((slot < w_end) | ((slot >= ETA) & (slot - ETA < end)))
-
-
-@triton.jit
-def load_grid(x, xw, slot, valid, i_n, i_x, tok_base, phase,
-              HX: tl.constexpr, DX: tl.constexpr, ETA: tl.constexpr, o_d, m_d):
-    """Rows ``[len(slot), BD]`` of grid slots, zero where not ``valid``.
-
-    ``x``: the input ``[tokens, HX, DX]``; ``xw``: the state's window ``[N, HX, 2η, DX]``; ``i_x`` the head.
-    """
-    from_state = valid & (slot < ETA + phase)
-    from_input = valid & (slot >= ETA + phase)
-    p_w = xw + ((i_n * HX + i_x).to(tl.int64) * (2 * ETA) + slot[:, None]) * DX + o_d[None, :]
-    p_x = x + ((tok_base + slot[:, None]) * HX + i_x) * DX + o_d[None, :]
-    b_w = tl.load(p_w, mask=from_state[:, None] & m_d[None, :], other=0.)
-    b_x = tl.load(p_x, mask=from_input[:, None] & m_d[None, :], other=0.)
-    return tl.where(from_state[:, None], b_w, b_x)
-
-
-@triton.jit
-def load_refs(x, xw, xc, ref, i_n, i_h, i_x, tok_base, phase,
-              H: tl.constexpr, HX: tl.constexpr, DX: tl.constexpr, LAM: tl.constexpr, ETA: tl.constexpr,
-              o_d, m_d):
-    """Rows of cache references: the initial cache ``xc`` [N, H, λ, DX] (per query head) for ``ref < λ``,
-    grid slot ``ref - λ`` for ``ref ≥ λ``, zeros for ``ref < 0``."""
-    in_cache = (ref >= 0) & (ref < LAM)
-    p_c = xc + ((i_n * H + i_h).to(tl.int64) * LAM + ref[:, None]) * DX + o_d[None, :]
-    b_c = tl.load(p_c, mask=in_cache[:, None] & m_d[None, :], other=0.)
-    b_g = load_grid(x, xw, ref - LAM, ref >= LAM, i_n, i_x, tok_base, phase, HX, DX, ETA, o_d, m_d)
-    return tl.where(in_cache[:, None], b_c, b_g)
-
-
-# ---------------------------------------------------------------------------------------------------
 # 1. sequential pass: snapshots, selection, fold, final state
 # ---------------------------------------------------------------------------------------------------
 
-@triton.heuristics({'STORE_FINAL': lambda args: args['ht'] is not None})
+@triton.heuristics({'STORE_FINAL': lambda args: args['cpos_t'] is not None})
 @triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in NUM_WARPS],
+    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in NUM_WARPS],
     key=['H', 'HKV', 'D', 'DV', 'F', 'ETA', 'LAM', 'ACC', 'LOO'],
 )
 @triton.jit
@@ -118,11 +102,12 @@ def lola_fwd_kernel_select(
     k, v, fk,
     h0, s0, ck, cv, cfk, cpos, wk, wv, wfk,
     seen_ptr, lens_ptr, tok_base_ptr, chunk_offsets,
-    hs, ss, cidx,
+    hs, ss, cidx, iscr, fscr,
     ht, st, ck_t, cv_t, cfk_t, cpos_t, wk_t, wv_t, wfk_t,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
-    BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
+    BT: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
+    TD: tl.constexpr, TK: tl.constexpr, TV: tl.constexpr,
     EPS: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr, STORE_FINAL: tl.constexpr,
 ):
     i_nh = tl.program_id(0)
@@ -136,82 +121,97 @@ def lola_fwd_kernel_select(
     boc = tl.load(chunk_offsets + i_n)
     NC = (tl.load(chunk_offsets + i_n + 1) - boc).to(tl.int32)
 
-    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BV), tl.arange(0, BF)
-    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
-    o_t, o_l = tl.arange(0, BT), tl.arange(0, BL)
-    m_hv = m_f[:, None] & m_v[None, :]
+    o_l, o_r = tl.arange(0, BL), tl.arange(0, BR)
     i_nh64 = i_nh.to(tl.int64)
-
-    b_h = tl.load(h0 + (i_nh64 * F + o_f[:, None]) * DV + o_v[None, :], mask=m_hv, other=0.).to(ACC)
-    b_s = tl.load(s0 + i_nh64 * F + o_f, mask=m_f, other=0.).to(ACC)
+    # this program's scratch: the new reference list, fold flags, scores and Gram rows
+    newrefp = iscr + i_nh64 * (2 * BL + BT)
+    flagp = newrefp + BL
+    scp = fscr + i_nh64 * ((BL + BT) * (1 + BR))
+    # the memory lives in global memory: chunk i_c's snapshot (H, s before its boundary) in hs, ss; the boundary
+    # writes the memory after it into the next chunk's snapshot, the last one into (ht, st)
+    h_fin = ht + i_nh64 * F * DV
+    s_fin = st + i_nh64 * F
+    if NC > 0:
+        copy_memory(h0 + i_nh64 * F * DV, s0 + i_nh64 * F, hs + (boc * H + i_h) * F * DV, ss + (boc * H + i_h) * F,
+                    DV, F, TK, TV)
+    else:
+        copy_memory(h0 + i_nh64 * F * DV, s0 + i_nh64 * F, h_fin, s_fin, DV, F, TK, TV)
     b_cp = tl.load(cpos + i_nh64 * LAM + o_l, mask=o_l < LAM, other=-1)
     b_ref = tl.where(b_cp >= 0, o_l, -1).to(tl.int32)
 
     for i_c in range(NC):
         i_tg = (boc + i_c).to(tl.int64)
-        # what chunk i_c's queries read: the memory and cache before its boundary
-        tl.store(hs + ((i_tg * H + i_h) * F + o_f[:, None]) * DV + o_v[None, :], b_h.to(hs.dtype.element_ty),
-                 mask=m_hv)
-        tl.store(ss + (i_tg * H + i_h) * F + o_f, b_s.to(ss.dtype.element_ty), mask=m_f)
-        tl.store(cidx + (i_tg * H + i_h) * LAMP + o_l, b_ref, mask=o_l < LAM)
+        # what chunk i_c's queries read: the memory (already in hs, ss) and the cache before its boundary
+        refp = cidx + (i_tg * H + i_h) * LAMP
+        tl.store(refp + o_l, b_ref, mask=o_l < LAM)
+        tl.debug_barrier()
+        h_cur = hs + (i_tg * H + i_h) * F * DV
+        s_cur = ss + (i_tg * H + i_h) * F
+        last = i_c + 1 == NC
+        h_nxt = tl.where(last, h_fin, h_cur + H * F * DV)
+        s_nxt = tl.where(last, s_fin, s_cur + H * F)
         # boundary after chunk i_c: it is complete and a previous chunk W (grid chunk i_c) exists
         if (end >= (i_c + 1) * ETA) & ((i_c > 0) | (seen >= ETA)):
-            valid_c = b_ref >= 0
-            b_vc = load_refs(v, wv, cv, b_ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA,
-                             o_v, m_v).to(ACC)
-            b_fc = load_refs(fk, wfk, cfk, b_ref, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA,
-                             o_f, m_f).to(ACC)
-            w_slot = i_c * ETA + o_t
-            valid_w = o_t < ETA
-            b_vw = load_grid(v, wv, w_slot, valid_w, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v).to(ACC)
-            b_fw = load_grid(fk, wfk, w_slot, valid_w, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f).to(ACC)
-            score_c, score_w = boundary_scores(b_vc, b_fc, valid_c, b_vw, b_fw, valid_w, b_h, b_s, BL, BT,
-                                               EPS, LOO)
-            keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
-            fold_c = (valid_c & ~keep_c).to(ACC)
-            fold_w = (valid_w & ~keep_w).to(ACC)
-            b_fc = b_fc * fold_c[:, None]
-            b_fw = b_fw * fold_w[:, None]
-            b_h += tl.dot(tl.trans(b_fc), b_vc, input_precision="ieee")
-            b_h += tl.dot(tl.trans(b_fw), b_vw, input_precision="ieee")
-            b_s += tl.sum(b_fc, 0) + tl.sum(b_fw, 0)
-            b_ref = place(b_ref, keep_c, slot_c, (LAM + w_slot).to(tl.int32), keep_w, slot_w, BL).to(tl.int32)
+            boundary(v, fk, wv, wfk, cv, cfk, refp, newrefp, flagp, scp, h_cur, s_cur, h_nxt, s_nxt,
+                     i_c, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, F, LAM, ETA, BL, BT, BR, BJ, TK, TV,
+                     EPS, ACC, LOO)
+            b_ref = tl.load(newrefp + o_l)
+        else:
+            copy_memory(h_cur, s_cur, h_nxt, s_nxt, DV, F, TK, TV)
 
     if STORE_FINAL:
-        tl.store(ht + (i_nh64 * F + o_f[:, None]) * DV + o_v[None, :], b_h.to(ht.dtype.element_ty), mask=m_hv)
-        tl.store(st + i_nh64 * F + o_f, b_s.to(st.dtype.element_ty), mask=m_f)
-        # the cache, canonical: valid references first (ascending position), empty slots zero
-        m_l = o_l < LAM
-        p_c = i_nh64 * LAM + o_l
-        b_k = load_refs(k, wk, ck, b_ref, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, o_d, m_d)
-        b_v = load_refs(v, wv, cv, b_ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, o_v, m_v)
-        b_f = load_refs(fk, wfk, cfk, b_ref, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, o_f, m_f)
-        tl.store(ck_t + p_c[:, None] * D + o_d[None, :], b_k.to(ck_t.dtype.element_ty), mask=m_l[:, None] & m_d)
-        tl.store(cv_t + p_c[:, None] * DV + o_v[None, :], b_v.to(cv_t.dtype.element_ty), mask=m_l[:, None] & m_v)
-        tl.store(cfk_t + p_c[:, None] * F + o_f[None, :], b_f.to(cfk_t.dtype.element_ty), mask=m_l[:, None] & m_f)
+        # the cache, canonical: valid references first (ascending position), empty slots zero; in row blocks
+        tl.store(newrefp + o_l, b_ref)
+        tl.debug_barrier()
+        for r0 in range(0, BL, BR):
+            ref = tl.load(newrefp + r0 + o_r)
+            m_l = (r0 + o_r) < LAM
+            p_c = i_nh64 * LAM + r0 + o_r
+            for c0 in range(0, D, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_k = load_refs(k, wk, ck, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, o_x, o_x < D)
+                tl.store(ck_t + p_c[:, None] * D + o_x[None, :], b_k.to(ck_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < D)[None, :])
+            for c0 in range(0, DV, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_v = load_refs(v, wv, cv, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, o_x, o_x < DV)
+                tl.store(cv_t + p_c[:, None] * DV + o_x[None, :], b_v.to(cv_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < DV)[None, :])
+            for c0 in range(0, F, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_f = load_refs(fk, wfk, cfk, ref, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, o_x, o_x < F)
+                tl.store(cfk_t + p_c[:, None] * F + o_x[None, :], b_f.to(cfk_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < F)[None, :])
         b_oldpos = tl.load(cpos + i_nh64 * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
         b_gridpos = (seen // ETA - 1) * ETA + (b_ref - LAM)
         b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, b_gridpos))
-        tl.store(cpos_t + p_c, b_pos, mask=m_l)
+        tl.store(cpos_t + i_nh64 * LAM + o_l, b_pos, mask=o_l < LAM)
         # the window: W = grid chunk end // η, P = the next one (its first end % η slots are valid)
         w0 = (end // ETA) * ETA
         for i_w in tl.static_range(2):
-            slot = w0 + i_w * ETA + o_t
-            valid = (o_t < ETA) & slot_valid(slot, seen, end, ETA)
-            m_t = o_t < ETA
-            # (new names: the cache's b_k, b_v, b_f are [BL, ·] and a compiler refuses a block that changes shape)
-            b_fx = load_grid(fk, wfk, slot, valid, i_n, i_h, tok_base, phase, H, F, ETA, o_f, m_f)
-            p_w = (i_nh64 * (2 * ETA) + i_w * ETA + o_t)
-            tl.store(wfk_t + p_w[:, None] * F + o_f[None, :], b_fx.to(wfk_t.dtype.element_ty),
-                     mask=m_t[:, None] & m_f[None, :])
-            if i_h % (H // HKV) == 0:  # one writer per key head
-                b_kx = load_grid(k, wk, slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_d, m_d)
-                b_vx = load_grid(v, wv, slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_v, m_v)
-                p_w = ((i_n * HKV + i_g).to(tl.int64) * (2 * ETA) + i_w * ETA + o_t)
-                tl.store(wk_t + p_w[:, None] * D + o_d[None, :], b_kx.to(wk_t.dtype.element_ty),
-                         mask=m_t[:, None] & m_d[None, :])
-                tl.store(wv_t + p_w[:, None] * DV + o_v[None, :], b_vx.to(wv_t.dtype.element_ty),
-                         mask=m_t[:, None] & m_v[None, :])
+            for t0 in range(0, BT, BR):
+                o_t = t0 + o_r
+                slot = w0 + i_w * ETA + o_t
+                m_t = o_t < ETA
+                valid = m_t & slot_valid(slot, seen, end, ETA)
+                p_w = (i_nh64 * (2 * ETA) + i_w * ETA + o_t)
+                for c0 in range(0, F, TD):
+                    o_x = c0 + tl.arange(0, TD)
+                    b_fx = load_grid(fk, wfk, slot, valid, i_n, i_h, tok_base, phase, H, F, ETA, o_x, o_x < F)
+                    tl.store(wfk_t + p_w[:, None] * F + o_x[None, :], b_fx.to(wfk_t.dtype.element_ty),
+                             mask=m_t[:, None] & (o_x < F)[None, :])
+                if i_h % (H // HKV) == 0:  # one writer per key head
+                    p_g = ((i_n * HKV + i_g).to(tl.int64) * (2 * ETA) + i_w * ETA + o_t)
+                    for c0 in range(0, D, TD):
+                        o_x = c0 + tl.arange(0, TD)
+                        b_kx = load_grid(k, wk, slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_x, o_x < D)
+                        tl.store(wk_t + p_g[:, None] * D + o_x[None, :], b_kx.to(wk_t.dtype.element_ty),
+                                 mask=m_t[:, None] & (o_x < D)[None, :])
+                    for c0 in range(0, DV, TD):
+                        o_x = c0 + tl.arange(0, TD)
+                        b_vx = load_grid(v, wv, slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_x, o_x < DV)
+                        tl.store(wv_t + p_g[:, None] * DV + o_x[None, :], b_vx.to(wv_t.dtype.element_ty),
+                                 mask=m_t[:, None] & (o_x < DV)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -243,10 +243,11 @@ def lola_fwd_kernel_o(
     hs, ss, cidx, gate, scale_ptr,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr, LAMP: tl.constexpr,
-    BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BLK: tl.constexpr,
+    BD: tl.constexpr, BT: tl.constexpr, TK: tl.constexpr, TVO: tl.constexpr, BLK: tl.constexpr,
     EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr,
 ):
-    i_tg, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    # one program per (chunk, query head, tile of TVO value columns)
+    i_tg, i_h, i_vt = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_tg * 2).to(tl.int32)
     i_c = tl.load(chunk_indices + i_tg * 2 + 1).to(tl.int32)
     i_g = i_h // (H // HKV)
@@ -257,23 +258,22 @@ def lola_fwd_kernel_o(
     end = phase + length
     scale = tl.load(scale_ptr)
 
-    o_d, o_v, o_f, o_t = tl.arange(0, BD), tl.arange(0, BV), tl.arange(0, BF), tl.arange(0, BT)
-    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
+    o_d, o_t, o_k = tl.arange(0, BD), tl.arange(0, BT), tl.arange(0, TK)
+    o_v = i_vt * TVO + tl.arange(0, TVO)
+    m_d, m_v = o_d < D, o_v < DV
 
     # the chunk's new tokens (the state's P tokens before them were answered by an earlier call)
     q_slot = (i_c + 1) * ETA + o_t
     m_q = (o_t < ETA) & (q_slot - ETA >= phase) & (q_slot - ETA < end)
     p_tok = tok_base + q_slot
     b_q = tl.load(q + ((p_tok[:, None] * H + i_h) * D + o_d[None, :]), mask=m_q[:, None] & m_d[None, :], other=0.)
-    b_fq = tl.load(fq + ((p_tok[:, None] * H + i_h) * F + o_f[None, :]), mask=m_q[:, None] & m_f[None, :],
-                   other=0.).to(ACC)
 
     if MIX_LOLA:
         b_m = tl.zeros([BT], dtype=ACC)  # the running max starts at 0: c = max(0, max a)
     else:
         b_m = tl.full([BT], -1e30, dtype=ACC)
     b_l = tl.zeros([BT], dtype=ACC)
-    b_acc = tl.zeros([BT, BV], dtype=ACC)
+    b_acc = tl.zeros([BT, TVO], dtype=ACC)
 
     # sparse cache, in blocks of BLK references
     for i_l in range(0, LAM, BLK):
@@ -291,12 +291,19 @@ def lola_fwd_kernel_o(
         mask = valid[None, :] & ((i_w == 0) | (k_slot[None, :] <= q_slot[:, None]))
         b_m, b_l, b_acc = attend(b_q, b_k, b_v, mask, b_m, b_l, b_acc, scale)
 
-    # linear read-out of the chunk's snapshot
-    b_h = tl.load(hs + ((i_tg * H + i_h) * F + o_f[:, None]) * DV + o_v[None, :],
-                  mask=m_f[:, None] & m_v[None, :], other=0.).to(ACC)
-    b_s = tl.load(ss + (i_tg * H + i_h) * F + o_f, mask=m_f, other=0.).to(ACC)
-    lin_num = tl.dot(b_fq, b_h, input_precision="ieee")
-    lin_den = tl.sum(b_fq * b_s[None, :], 1)
+    # linear read-out of the chunk's snapshot, in chunks of TK features
+    lin_num = tl.zeros([BT, TVO], dtype=ACC)
+    lin_den = tl.zeros([BT], dtype=ACC)
+    p_hs = hs + (i_tg * H + i_h) * F * DV
+    p_ss = ss + (i_tg * H + i_h) * F
+    for k0 in range(0, F, TK):
+        m_k = (k0 + o_k) < F
+        b_fq = tl.load(fq + ((p_tok[:, None] * H + i_h) * F + k0 + o_k[None, :]), mask=m_q[:, None] & m_k[None, :],
+                       other=0.).to(ACC)
+        b_h = tl.load(p_hs + (k0 + o_k)[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_s = tl.load(p_ss + k0 + o_k, mask=m_k, other=0.)
+        lin_num += tl.dot(b_fq, b_h.to(ACC), input_precision="ieee")
+        lin_den += tl.sum(b_fq * b_s[None, :].to(ACC), 1)
     gamma = tl.load(gate + i_h).to(ACC)
     if MIX_LOLA:
         e = tl.exp(-b_m)
@@ -418,28 +425,34 @@ def chunk_lola_fwd_segment(q, k, v, fq, fk, gate, o, first, lengths, window_size
     cidx = torch.empty(NT, H, lamp, dtype=torch.int32, device=dev)
     final = alloc_state_like(state) if output_final_state else None
     f = vars(final) if final is not None else {}
-    consts = dict(H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, LAMP=lamp, BD=block(D), BV=block(Dv),
-                  BF=block(F), BT=block(eta), EPS=EPS, ACC=tl_acc(q.dtype))
+    consts = dict(H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, LAMP=lamp, EPS=EPS,
+                  ACC=tl_acc(q.dtype))
 
     if N * H > 0:
+        t = tiles(D, Dv, F, eta, lam)
+        iscr, fscr = scratch(N * H, t, 0, acc, dev)
+        # the memory after the last chunk: the final state's, or a temporary one
+        h_fin = f['h'] if final is not None else torch.empty(N, H, F, Dv, dtype=acc, device=dev)
+        s_fin = f['s'] if final is not None else torch.empty(N, H, F, dtype=acc, device=dev)
         lola_fwd_kernel_select[(N * H,)](
             k, v, fk,
             state.h, state.s, state.cache_k, state.cache_v, state.cache_fk, state.cache_pos,
             state.window_k, state.window_v, state.window_fk,
             seen, lengths, tok_base, chunk_offsets,
-            hs, ss, cidx,
-            f.get('h'), f.get('s'), f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
+            hs, ss, cidx, iscr, fscr,
+            h_fin, s_fin, f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
             f.get('window_k'), f.get('window_v'), f.get('window_fk'),
-            BL=block(lam), LOO=(selection == 'loo'), **consts,
+            LOO=(selection == 'loo'), **t, **consts,
         )
     if NT > 0:
         scale_t = torch.full((1,), scale, dtype=acc, device=dev)
-        lola_fwd_kernel_o[(NT, H)](
+        tvo = min(OUT_VTILE, block(Dv))
+        lola_fwd_kernel_o[(NT, H, triton.cdiv(Dv, tvo))](
             q, k, v, fq, o,
             state.cache_k, state.cache_v, state.window_k, state.window_v,
             seen, lengths, tok_base, chunk_indices,
             hs, ss, cidx, gate, scale_t,
-            MIX_LOLA=(mix == 'lola'), **consts,
+            BD=block(D), BT=block(eta), TK=min(OUT_KCHUNK, block(F)), TVO=tvo, MIX_LOLA=(mix == 'lola'), **consts,
         )
     if final is not None:
         final.seen = seen + lengths

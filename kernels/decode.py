@@ -2,13 +2,15 @@
 
 The program reads the state (λ cache slots, 2η window slots, ``H``, ``s``) and the new token, and
 
-1. answers the token: one softmax over the valid cache slots, ``W``, ``P`` and the token itself, next to
-   the linear read-out, under the spec's normalizer (running max clamped at 0 for ``mix="lola"``);
+1. answers the token: one softmax over the valid cache slots, ``W``, ``P`` and the token itself (rows in
+   blocks: the largest logit first, then the sums against it), next to the linear read-out, under the spec's
+   normalizer (maximum clamped at 0 for ``mix="lola"``);
 2. writes the next state out of place (the input state is never modified, so programs of a GQA group
    can read the shared key/value window while one of them writes its successor): the token goes into
-   its ``P`` slot; at a chunk boundary ``G ∪ W`` is scored by self-recall error, the top λ are scattered
-   to their canonical cache slots, the rest folded into ``H``, ``s`` with one ``tl.dot``, and ``P``
-   moves to ``W``.
+   its ``P`` slot; at a chunk boundary ``G ∪ W`` is scored by self-recall error, the top λ kept and the rest
+   folded into ``H``, ``s`` by the prefill's own boundary (:func:`fla_lola.kernels.select.boundary`, reading
+   the state's memory and writing the next state's, in tiles), the kept pairs are copied to their canonical
+   cache slots, and ``P`` moves to ``W``.
 
 No allocation grows with T: the outputs are one token and one state of the same fixed size.
 Rows whose ``attention_mask`` entry is 0 get a zero output and an unchanged state.
@@ -20,21 +22,50 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_lola.kernels.chunk import alloc_state_like, block, empty_state_like, tl_acc
-from fla_lola.kernels.select import boundary_scores, rank_and_place
+from fla_lola.kernels.chunk import alloc_state_like, block, empty_state_like, scratch, tiles, tl_acc
+from fla_lola.kernels.select import boundary, copy_memory, load_refs
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
 
-@triton.heuristics({'STORE_FINAL': lambda args: args['ht'] is not None})
+@triton.jit
+def state_rows(x, xc, xw, xn, part: tl.constexpr, r0, cols, i_nh, i_ng, cpos, phase, new_slot, w_end,
+               DX: tl.constexpr, LAM: tl.constexpr, ETA: tl.constexpr, BR: tl.constexpr):
+    """Rows ``r0 .. r0 + BR`` (columns ``cols``) of one part of what the token attends to, and which are real:
+    ``part`` 0 the cache (``xc``, per query head), 1 the window ``W``, 2 the partial chunk ``P`` with the token
+    ``xn`` written into its slot (``xw``: the state's window; ``x``, for keys and values, per key head)."""
+    o_r = r0 + tl.arange(0, BR)
+    m_x = cols < DX
+    if part == 0:
+        valid = tl.load(cpos + i_nh * LAM + o_r, mask=o_r < LAM, other=-1) >= 0
+        b = tl.load(xc + (i_nh * LAM + o_r)[:, None] * DX + cols[None, :], mask=valid[:, None] & m_x[None, :],
+                    other=0.)
+    elif part == 1:
+        valid = o_r < w_end
+        b = tl.load(xw + (i_ng * (2 * ETA) + o_r)[:, None] * DX + cols[None, :], mask=valid[:, None] & m_x[None, :],
+                    other=0.)
+    else:
+        old_p = o_r < phase
+        is_new = o_r == new_slot
+        valid = old_p | is_new
+        b = tl.load(xw + (i_ng * (2 * ETA) + ETA + o_r)[:, None] * DX + cols[None, :],
+                    mask=old_p[:, None] & m_x[None, :], other=0.)
+        b_n = tl.load(x + i_ng * DX + cols, mask=m_x, other=0.)
+        b = tl.where(is_new[:, None], b_n[None, :], b)
+    return b, valid
+
+
+@triton.heuristics({'STORE_FINAL': lambda args: args['cpos_t'] is not None})
 @triton.jit
 def lola_decode_kernel(
     q, k, v, fq, fk, o, active_ptr, gate, scale_ptr,
     h0, s0, ck, cv, cfk, cpos, wk, wv, wfk, seen_ptr,
+    iscr, fscr,
     ht, st, ck_t, cv_t, cfk_t, cpos_t, wk_t, wv_t, wfk_t,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     ETA: tl.constexpr, LAM: tl.constexpr,
-    BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
+    BD: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr, BJ: tl.constexpr,
+    TD: tl.constexpr, TK: tl.constexpr, TV: tl.constexpr,
     EPS: tl.constexpr, MIX_LOLA: tl.constexpr, ACC: tl.constexpr, LOO: tl.constexpr,
     STORE_FINAL: tl.constexpr,
 ):
@@ -50,62 +81,45 @@ def lola_decode_kernel(
     w_end = tl.where(seen >= ETA, ETA, 0)              # W slots [0, w_end) are valid
     new_slot = tl.where(active > 0, phase, -1)         # the token's P slot, -1 if it takes none
 
-    o_d, o_v, o_f = tl.arange(0, BD), tl.arange(0, BV), tl.arange(0, BF)
-    m_d, m_v, m_f = o_d < D, o_v < DV, o_f < F
-    o_t, o_l = tl.arange(0, BT), tl.arange(0, BL)
-    m_t = o_t < ETA
+    o_d, o_v, o_k, o_r = tl.arange(0, BD), tl.arange(0, BV), tl.arange(0, TK), tl.arange(0, BR)
+    m_d, m_v = o_d < D, o_v < DV
 
-    # ---- the new token and the state -------------------------------------------------------
+    # ---- 1. the output: one softmax over the cache, W and P (with the token), next to the linear read-out ----
     b_q = tl.load(q + i_nh * D + o_d, mask=m_d, other=0.).to(ACC)
-    b_fq = tl.load(fq + i_nh * F + o_f, mask=m_f, other=0.).to(ACC)
-    b_kn = tl.load(k + i_ng * D + o_d, mask=m_d, other=0.)
-    b_vn = tl.load(v + i_ng * DV + o_v, mask=m_v, other=0.)
-    b_fn = tl.load(fk + i_nh * F + o_f, mask=m_f, other=0.)
-
-    b_cp = tl.load(cpos + i_nh * LAM + o_l, mask=o_l < LAM, other=-1)
-    valid_c = b_cp >= 0
-    p_c = i_nh * LAM + o_l
-    b_kc = tl.load(ck + p_c[:, None] * D + o_d[None, :], mask=valid_c[:, None] & m_d[None, :], other=0.)
-    b_vc = tl.load(cv + p_c[:, None] * DV + o_v[None, :], mask=valid_c[:, None] & m_v[None, :], other=0.)
-    b_fc = tl.load(cfk + p_c[:, None] * F + o_f[None, :], mask=valid_c[:, None] & m_f[None, :], other=0.)
-
-    valid_w = o_t < w_end
-    p_w = i_ng * (2 * ETA) + o_t
-    p_wf = i_nh * (2 * ETA) + o_t
-    b_kw = tl.load(wk + p_w[:, None] * D + o_d[None, :], mask=valid_w[:, None] & m_d[None, :], other=0.)
-    b_vw = tl.load(wv + p_w[:, None] * DV + o_v[None, :], mask=valid_w[:, None] & m_v[None, :], other=0.)
-    b_fw = tl.load(wfk + p_wf[:, None] * F + o_f[None, :], mask=valid_w[:, None] & m_f[None, :], other=0.)
-
-    # P with the token written into its slot
-    old_p = o_t < phase
-    b_kp = tl.load(wk + (p_w + ETA)[:, None] * D + o_d[None, :], mask=old_p[:, None] & m_d[None, :], other=0.)
-    b_vp = tl.load(wv + (p_w + ETA)[:, None] * DV + o_v[None, :], mask=old_p[:, None] & m_v[None, :], other=0.)
-    b_fp = tl.load(wfk + (p_wf + ETA)[:, None] * F + o_f[None, :], mask=old_p[:, None] & m_f[None, :], other=0.)
-    is_new = o_t == new_slot
-    b_kp = tl.where(is_new[:, None], b_kn[None, :], b_kp)
-    b_vp = tl.where(is_new[:, None], b_vn[None, :], b_vp)
-    b_fp = tl.where(is_new[:, None], b_fn[None, :], b_fp)
-    valid_p = old_p | is_new
-
-    h_mask = m_f[:, None] & m_v[None, :]
-    b_h = tl.load(h0 + (i_nh * F + o_f[:, None]) * DV + o_v[None, :], mask=h_mask, other=0.).to(ACC)
-    b_s = tl.load(s0 + i_nh * F + o_f, mask=m_f, other=0.).to(ACC)
-
-    # ---- 1. the output -------------------------------------------------------------------------
-    a_c = tl.where(valid_c, tl.sum(b_q[None, :] * b_kc.to(ACC), 1) * scale, float('-inf'))
-    a_w = tl.where(valid_w, tl.sum(b_q[None, :] * b_kw.to(ACC), 1) * scale, float('-inf'))
-    a_p = tl.where(valid_p, tl.sum(b_q[None, :] * b_kp.to(ACC), 1) * scale, float('-inf'))
-    b_m = tl.maximum(tl.maximum(tl.max(a_c, 0), tl.max(a_w, 0)), tl.max(a_p, 0))
+    # the largest logit first, then the sums (every exponent against the same maximum)
+    b_m = tl.full([], float('-inf'), dtype=ACC)
+    for part in tl.static_range(3):
+        for r0 in range(0, BL if part == 0 else BT, BR):
+            b_k, valid = state_rows(k, ck, wk, k, part, r0, o_d, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                    D, LAM, ETA, BR)
+            a = tl.where(valid, tl.sum(b_q[None, :] * b_k.to(ACC), 1) * scale, float('-inf'))
+            b_m = tl.maximum(b_m, tl.max(a, 0))
     if MIX_LOLA:
         b_m = tl.maximum(b_m, 0.)
     else:
         b_m = tl.where(b_m > float('-inf'), b_m, 0.)   # only for a padding row of an empty state
-    e_c, e_w, e_p = tl.exp(a_c - b_m), tl.exp(a_w - b_m), tl.exp(a_p - b_m)
-    num = tl.sum(e_c[:, None] * b_vc.to(ACC), 0) + tl.sum(e_w[:, None] * b_vw.to(ACC), 0) + \
-        tl.sum(e_p[:, None] * b_vp.to(ACC), 0)
-    den = tl.sum(e_c, 0) + tl.sum(e_w, 0) + tl.sum(e_p, 0)
-    lin_num = tl.sum(b_fq[:, None] * b_h, 0)
-    lin_den = tl.sum(b_fq * b_s, 0)
+    num = tl.zeros([BV], dtype=ACC)
+    den = tl.zeros([], dtype=ACC)
+    for part in tl.static_range(3):
+        for r0 in range(0, BL if part == 0 else BT, BR):
+            b_k, valid = state_rows(k, ck, wk, k, part, r0, o_d, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                    D, LAM, ETA, BR)
+            a = tl.where(valid, tl.sum(b_q[None, :] * b_k.to(ACC), 1) * scale, float('-inf'))
+            b_v, _ = state_rows(v, cv, wv, v, part, r0, o_v, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                DV, LAM, ETA, BR)
+            e = tl.exp(a - b_m)
+            num += tl.sum(e[:, None] * b_v.to(ACC), 0)
+            den += tl.sum(e, 0)
+    lin_num = tl.zeros([BV], dtype=ACC)
+    lin_den = tl.zeros([], dtype=ACC)
+    for k0 in range(0, F, TK):
+        m_k = (k0 + o_k) < F
+        b_fq = tl.load(fq + i_nh * F + k0 + o_k, mask=m_k, other=0.).to(ACC)
+        b_h = tl.load(h0 + (i_nh * F + k0 + o_k)[:, None] * DV + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                      other=0.).to(ACC)
+        b_s = tl.load(s0 + i_nh * F + k0 + o_k, mask=m_k, other=0.).to(ACC)
+        lin_num += tl.sum(b_fq[:, None] * b_h, 0)
+        lin_den += tl.sum(b_fq * b_s, 0)
     gamma = tl.load(gate + i_h).to(ACC)
     if MIX_LOLA:
         e = tl.exp(-b_m)
@@ -120,60 +134,91 @@ def lola_decode_kernel(
 
     # ---- 2. the next state ---------------------------------------------------------------------
     if STORE_FINAL:
-        boundary = (active > 0) & (phase == ETA - 1)
-        # without a boundary the cache stays as it is (valid slots first, so slot i stays slot i)
-        keep_c = valid_c
-        slot_c = o_l
-        keep_w = o_t < 0
-        slot_w = o_t
-        if boundary & (seen >= ETA):
-            b_vc32, b_fc32 = b_vc.to(ACC), b_fc.to(ACC)
-            b_vw32, b_fw32 = b_vw.to(ACC), b_fw.to(ACC)
-            score_c, score_w = boundary_scores(b_vc32, b_fc32, valid_c, b_vw32, b_fw32, valid_w, b_h, b_s, BL, BT,
-                                               EPS, LOO)
-            keep_c, slot_c, keep_w, slot_w = rank_and_place(score_c, valid_c, score_w, valid_w, LAM, BL, BT)
-            b_fc32 = b_fc32 * (valid_c & ~keep_c).to(ACC)[:, None]
-            b_fw32 = b_fw32 * (valid_w & ~keep_w).to(ACC)[:, None]
-            b_h += tl.dot(tl.trans(b_fc32), b_vc32, input_precision="ieee")
-            b_h += tl.dot(tl.trans(b_fw32), b_vw32, input_precision="ieee")
-            b_s += tl.sum(b_fc32, 0) + tl.sum(b_fw32, 0)
-        tl.store(ht + (i_nh * F + o_f[:, None]) * DV + o_v[None, :], b_h.to(ht.dtype.element_ty), mask=h_mask)
-        tl.store(st + i_nh * F + o_f, b_s.to(st.dtype.element_ty), mask=m_f)
+        boundary_now = (active > 0) & (phase == ETA - 1)
+        o_l = tl.arange(0, BL)
+        # this program's scratch: the current and the new reference lists, fold flags, scores, Gram rows
+        refp = iscr + i_nh * (3 * BL + BT)
+        newrefp = refp + BL
+        flagp = newrefp + BL
+        scp = fscr + i_nh * ((BL + BT) * (1 + BR))
+        b_cp = tl.load(cpos + i_nh * LAM + o_l, mask=o_l < LAM, other=-1)
+        b_ref = tl.where(b_cp >= 0, o_l, -1).to(tl.int32)   # valid cache slots come first
+        tl.store(refp + o_l, b_ref)
+        tl.debug_barrier()
+        if boundary_now & (seen >= ETA):
+            # G ∪ W scored against the memory, the top λ kept, the rest folded into (ht, st); the token's grid
+            # (no input slot is a candidate) is the state's: W is slots [0, η) of the state's window
+            boundary(v, fk, wv, wfk, cv, cfk, refp, newrefp, flagp, scp,
+                     h0 + i_nh * F * DV, s0 + i_nh * F, ht + i_nh * F * DV, st + i_nh * F,
+                     0, i_n, i_h, i_g, 0, phase, H, HKV, DV, F, LAM, ETA, BL, BT, BR, BJ, TK, TV, EPS, ACC, LOO)
+        else:
+            # without a boundary the memory and the cache stay as they are
+            copy_memory(h0 + i_nh * F * DV, s0 + i_nh * F, ht + i_nh * F * DV, st + i_nh * F, DV, F, TK, TV)
+            tl.store(newrefp + o_l, b_ref)
+            tl.debug_barrier()
 
-        # the cache: kept pairs scattered to their canonical slots, the remaining slots emptied
-        n_keep = tl.sum(keep_c.to(tl.int32), 0) + tl.sum(keep_w.to(tl.int32), 0)
-        q_c = i_nh * LAM + slot_c
-        q_w = i_nh * LAM + slot_w
-        tl.store(ck_t + q_c[:, None] * D + o_d[None, :], b_kc, mask=keep_c[:, None] & m_d[None, :])
-        tl.store(cv_t + q_c[:, None] * DV + o_v[None, :], b_vc, mask=keep_c[:, None] & m_v[None, :])
-        tl.store(cfk_t + q_c[:, None] * F + o_f[None, :], b_fc, mask=keep_c[:, None] & m_f[None, :])
-        tl.store(cpos_t + q_c, b_cp, mask=keep_c)
-        tl.store(ck_t + q_w[:, None] * D + o_d[None, :], b_kw, mask=keep_w[:, None] & m_d[None, :])
-        tl.store(cv_t + q_w[:, None] * DV + o_v[None, :], b_vw, mask=keep_w[:, None] & m_v[None, :])
-        tl.store(cfk_t + q_w[:, None] * F + o_f[None, :], b_fw, mask=keep_w[:, None] & m_f[None, :])
-        tl.store(cpos_t + q_w, (seen // ETA - 1) * ETA + o_t, mask=keep_w)
-        empty = (o_l >= n_keep) & (o_l < LAM)
-        tl.store(ck_t + p_c[:, None] * D + o_d[None, :], tl.zeros([BL, BD], dtype=ck_t.dtype.element_ty),
-                 mask=empty[:, None] & m_d[None, :])
-        tl.store(cv_t + p_c[:, None] * DV + o_v[None, :], tl.zeros([BL, BV], dtype=cv_t.dtype.element_ty),
-                 mask=empty[:, None] & m_v[None, :])
-        tl.store(cfk_t + p_c[:, None] * F + o_f[None, :], tl.zeros([BL, BF], dtype=cfk_t.dtype.element_ty),
-                 mask=empty[:, None] & m_f[None, :])
-        tl.store(cpos_t + p_c, tl.full([BL], -1, dtype=tl.int64), mask=empty)
+        # the cache: slot j holds reference newref[j] (a state cache slot, or λ + a W slot), empty slots zero
+        b_ref = tl.load(newrefp + o_l)
+        b_oldpos = tl.load(cpos + i_nh * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
+        b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, (seen // ETA - 1) * ETA + (b_ref - LAM)))
+        tl.store(cpos_t + i_nh * LAM + o_l, b_pos, mask=o_l < LAM)
+        for r0 in range(0, BL, BR):
+            ref = tl.load(newrefp + r0 + o_r)
+            m_l = (r0 + o_r) < LAM
+            p_c = i_nh * LAM + r0 + o_r
+            for c0 in range(0, D, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_x = load_refs(k, wk, ck, ref, i_n, i_h, i_g, 0, phase, H, HKV, D, LAM, ETA, o_x, o_x < D)
+                tl.store(ck_t + p_c[:, None] * D + o_x[None, :], b_x.to(ck_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < D)[None, :])
+            for c0 in range(0, DV, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_x = load_refs(v, wv, cv, ref, i_n, i_h, i_g, 0, phase, H, HKV, DV, LAM, ETA, o_x, o_x < DV)
+                tl.store(cv_t + p_c[:, None] * DV + o_x[None, :], b_x.to(cv_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < DV)[None, :])
+            for c0 in range(0, F, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_x = load_refs(fk, wfk, cfk, ref, i_n, i_h, i_h, 0, phase, H, H, F, LAM, ETA, o_x, o_x < F)
+                tl.store(cfk_t + p_c[:, None] * F + o_x[None, :], b_x.to(cfk_t.dtype.element_ty),
+                         mask=m_l[:, None] & (o_x < F)[None, :])
 
         # the window: at a boundary P (with the token) becomes W and P empties
-        if boundary:
-            b_kw, b_vw, b_fw = b_kp, b_vp, b_fp
-            b_kp = tl.zeros([BT, BD], dtype=b_kp.dtype)
-            b_vp = tl.zeros([BT, BV], dtype=b_vp.dtype)
-            b_fp = tl.zeros([BT, BF], dtype=b_fp.dtype)
-        tl.store(wfk_t + p_wf[:, None] * F + o_f[None, :], b_fw, mask=m_t[:, None] & m_f[None, :])
-        tl.store(wfk_t + (p_wf + ETA)[:, None] * F + o_f[None, :], b_fp, mask=m_t[:, None] & m_f[None, :])
-        if i_h % (H // HKV) == 0:  # one writer per key head
-            tl.store(wk_t + p_w[:, None] * D + o_d[None, :], b_kw, mask=m_t[:, None] & m_d[None, :])
-            tl.store(wv_t + p_w[:, None] * DV + o_v[None, :], b_vw, mask=m_t[:, None] & m_v[None, :])
-            tl.store(wk_t + (p_w + ETA)[:, None] * D + o_d[None, :], b_kp, mask=m_t[:, None] & m_d[None, :])
-            tl.store(wv_t + (p_w + ETA)[:, None] * DV + o_v[None, :], b_vp, mask=m_t[:, None] & m_v[None, :])
+        shift = tl.where(boundary_now, ETA, 0)
+        for t0 in range(0, BT, BR):
+            o_t = t0 + o_r
+            m_t = o_t < ETA
+            moved = o_t < shift                                # every row at a boundary, none otherwise
+            for c0 in range(0, F, TD):
+                o_x = c0 + tl.arange(0, TD)
+                b_w, _ = state_rows(fk, cfk, wfk, fk, 1, t0, o_x, i_nh, i_nh, cpos, phase, new_slot, w_end,
+                                    F, LAM, ETA, BR)
+                b_p, _ = state_rows(fk, cfk, wfk, fk, 2, t0, o_x, i_nh, i_nh, cpos, phase, new_slot, w_end,
+                                    F, LAM, ETA, BR)
+                m_s = m_t[:, None] & (o_x < F)[None, :]
+                p_w = (i_nh * (2 * ETA) + o_t)[:, None] * F + o_x[None, :]
+                tl.store(wfk_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
+                tl.store(wfk_t + p_w + ETA * F, tl.where(moved[:, None], 0., b_p), mask=m_s)
+            if i_h % (H // HKV) == 0:  # one writer per key head
+                for c0 in range(0, D, TD):
+                    o_x = c0 + tl.arange(0, TD)
+                    b_w, _ = state_rows(k, ck, wk, k, 1, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                        D, LAM, ETA, BR)
+                    b_p, _ = state_rows(k, ck, wk, k, 2, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                        D, LAM, ETA, BR)
+                    m_s = m_t[:, None] & (o_x < D)[None, :]
+                    p_w = (i_ng * (2 * ETA) + o_t)[:, None] * D + o_x[None, :]
+                    tl.store(wk_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
+                    tl.store(wk_t + p_w + ETA * D, tl.where(moved[:, None], 0., b_p), mask=m_s)
+                for c0 in range(0, DV, TD):
+                    o_x = c0 + tl.arange(0, TD)
+                    b_w, _ = state_rows(v, cv, wv, v, 1, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                        DV, LAM, ETA, BR)
+                    b_p, _ = state_rows(v, cv, wv, v, 2, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                                        DV, LAM, ETA, BR)
+                    m_s = m_t[:, None] & (o_x < DV)[None, :]
+                    p_w = (i_ng * (2 * ETA) + o_t)[:, None] * DV + o_x[None, :]
+                    tl.store(wv_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
+                    tl.store(wv_t + p_w + ETA * DV, tl.where(moved[:, None], 0., b_p), mask=m_s)
 
 
 def decode_lola_fwd(
@@ -207,15 +252,18 @@ def decode_lola_fwd(
     final = alloc_state_like(state) if output_final_state else None
     f = vars(final) if final is not None else {}
     if B * H > 0:
+        t = tiles(D, Dv, F, eta, lam)
+        iscr, fscr = scratch(B * H, t, 1, acc, dev)
         lola_decode_kernel[(B * H,)](
             q, k, v, fq, fk, o, active, gate, torch.full((1,), scale, dtype=acc, device=dev),
             state.h, state.s, state.cache_k, state.cache_v, state.cache_fk, state.cache_pos,
             state.window_k, state.window_v, state.window_fk, state.seen,
+            iscr, fscr,
             f.get('h'), f.get('s'), f.get('cache_k'), f.get('cache_v'), f.get('cache_fk'), f.get('cache_pos'),
             f.get('window_k'), f.get('window_v'), f.get('window_fk'),
-            H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, BD=block(D), BV=block(Dv), BF=block(F),
-            BT=block(eta), BL=block(lam), EPS=EPS, MIX_LOLA=(mix == 'lola'), LOO=(selection == 'loo'),
-            ACC=tl_acc(q.dtype), num_warps=4,
+            H=H, HKV=Hkv, D=D, DV=Dv, F=F, ETA=eta, LAM=lam, BD=block(D), BV=block(Dv), **t,
+            EPS=EPS, MIX_LOLA=(mix == 'lola'), LOO=(selection == 'loo'), ACC=tl_acc(q.dtype), num_warps=4,
+            num_stages=1,
         )
     if final is not None:
         final.seen = state.seen + active.long()
