@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_lola.kernels.select import boundary, copy_memory, load_grid, load_refs, slot_valid
+from fla_lola.kernels.select import boundary, copy_memory, load_grid, load_refs, slot_valid, store_refs
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -167,21 +167,9 @@ def lola_fwd_kernel_select(
             ref = tl.load(newrefp + r0 + o_r)
             m_l = (r0 + o_r) < LAM
             p_c = i_nh64 * LAM + r0 + o_r
-            for c0 in range(0, D, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_k = load_refs(k, wk, ck, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, o_x, o_x < D)
-                tl.store(ck_t + p_c[:, None] * D + o_x[None, :], b_k.to(ck_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < D)[None, :])
-            for c0 in range(0, DV, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_v = load_refs(v, wv, cv, ref, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, o_x, o_x < DV)
-                tl.store(cv_t + p_c[:, None] * DV + o_x[None, :], b_v.to(cv_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < DV)[None, :])
-            for c0 in range(0, F, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_f = load_refs(fk, wfk, cfk, ref, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, o_x, o_x < F)
-                tl.store(cfk_t + p_c[:, None] * F + o_x[None, :], b_f.to(cfk_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < F)[None, :])
+            store_refs(k, wk, ck, ref, ck_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, TD)
+            store_refs(v, wv, cv, ref, cv_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, TD)
+            store_refs(fk, wfk, cfk, ref, cfk_t, p_c, m_l, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, TD)
         b_oldpos = tl.load(cpos + i_nh64 * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
         b_gridpos = (seen // ETA - 1) * ETA + (b_ref - LAM)
         b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, b_gridpos))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fla_lola.kernels.chunk import alloc_state_like, block, empty_state_like, scratch, tiles, tl_acc
-from fla_lola.kernels.select import boundary, copy_memory, load_refs
+from fla_lola.kernels.select import boundary, copy_memory, store_refs
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -53,6 +53,24 @@ def state_rows(x, xc, xw, xn, part: tl.constexpr, r0, cols, i_nh, i_ng, cpos, ph
         b_n = tl.load(x + i_ng * DX + cols, mask=m_x, other=0.)
         b = tl.where(is_new[:, None], b_n[None, :], b)
     return b, valid
+
+
+@triton.jit
+def shift_window(x, xc, xw, dst, t0, moved, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                 DX: tl.constexpr, LAM: tl.constexpr, ETA: tl.constexpr, BR: tl.constexpr, TD: tl.constexpr):
+    """Window rows ``t0 .. t0 + BR`` of one field into ``dst`` (the new state's ``[·, 2η, DX]`` window of head
+    ``i_ng``): ``W ← P`` and ``P`` emptied where ``moved`` (at a boundary), else ``W`` and ``P`` with the token in
+    ``P``; ``TD`` columns at a time."""
+    o_t = t0 + tl.arange(0, BR)
+    m_t = o_t < ETA
+    for c0 in range(0, DX, TD):
+        o_x = c0 + tl.arange(0, TD)
+        b_w, _ = state_rows(x, xc, xw, x, 1, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end, DX, LAM, ETA, BR)
+        b_p, _ = state_rows(x, xc, xw, x, 2, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end, DX, LAM, ETA, BR)
+        m_s = m_t[:, None] & (o_x < DX)[None, :]
+        p_w = (i_ng * (2 * ETA) + o_t)[:, None] * DX + o_x[None, :]
+        tl.store(dst + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
+        tl.store(dst + p_w + ETA * DX, tl.where(moved[:, None], 0., b_p), mask=m_s)
 
 
 @triton.heuristics({'STORE_FINAL': lambda args: args['cpos_t'] is not None})
@@ -166,59 +184,22 @@ def lola_decode_kernel(
             ref = tl.load(newrefp + r0 + o_r)
             m_l = (r0 + o_r) < LAM
             p_c = i_nh * LAM + r0 + o_r
-            for c0 in range(0, D, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_x = load_refs(k, wk, ck, ref, i_n, i_h, i_g, 0, phase, H, HKV, D, LAM, ETA, o_x, o_x < D)
-                tl.store(ck_t + p_c[:, None] * D + o_x[None, :], b_x.to(ck_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < D)[None, :])
-            for c0 in range(0, DV, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_x = load_refs(v, wv, cv, ref, i_n, i_h, i_g, 0, phase, H, HKV, DV, LAM, ETA, o_x, o_x < DV)
-                tl.store(cv_t + p_c[:, None] * DV + o_x[None, :], b_x.to(cv_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < DV)[None, :])
-            for c0 in range(0, F, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_x = load_refs(fk, wfk, cfk, ref, i_n, i_h, i_h, 0, phase, H, H, F, LAM, ETA, o_x, o_x < F)
-                tl.store(cfk_t + p_c[:, None] * F + o_x[None, :], b_x.to(cfk_t.dtype.element_ty),
-                         mask=m_l[:, None] & (o_x < F)[None, :])
+            store_refs(k, wk, ck, ref, ck_t, p_c, m_l, i_n, i_h, i_g, 0, phase, H, HKV, D, LAM, ETA, TD)
+            store_refs(v, wv, cv, ref, cv_t, p_c, m_l, i_n, i_h, i_g, 0, phase, H, HKV, DV, LAM, ETA, TD)
+            store_refs(fk, wfk, cfk, ref, cfk_t, p_c, m_l, i_n, i_h, i_h, 0, phase, H, H, F, LAM, ETA, TD)
 
         # the window: at a boundary P (with the token) becomes W and P empties
         shift = tl.where(boundary_now, ETA, 0)
         for t0 in range(0, BT, BR):
             o_t = t0 + o_r
-            m_t = o_t < ETA
             moved = o_t < shift                                # every row at a boundary, none otherwise
-            for c0 in range(0, F, TD):
-                o_x = c0 + tl.arange(0, TD)
-                b_w, _ = state_rows(fk, cfk, wfk, fk, 1, t0, o_x, i_nh, i_nh, cpos, phase, new_slot, w_end,
-                                    F, LAM, ETA, BR)
-                b_p, _ = state_rows(fk, cfk, wfk, fk, 2, t0, o_x, i_nh, i_nh, cpos, phase, new_slot, w_end,
-                                    F, LAM, ETA, BR)
-                m_s = m_t[:, None] & (o_x < F)[None, :]
-                p_w = (i_nh * (2 * ETA) + o_t)[:, None] * F + o_x[None, :]
-                tl.store(wfk_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
-                tl.store(wfk_t + p_w + ETA * F, tl.where(moved[:, None], 0., b_p), mask=m_s)
+            shift_window(fk, cfk, wfk, wfk_t, t0, moved, i_nh, i_nh, cpos, phase, new_slot, w_end,
+                         F, LAM, ETA, BR, TD)
             if i_h % (H // HKV) == 0:  # one writer per key head
-                for c0 in range(0, D, TD):
-                    o_x = c0 + tl.arange(0, TD)
-                    b_w, _ = state_rows(k, ck, wk, k, 1, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
-                                        D, LAM, ETA, BR)
-                    b_p, _ = state_rows(k, ck, wk, k, 2, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
-                                        D, LAM, ETA, BR)
-                    m_s = m_t[:, None] & (o_x < D)[None, :]
-                    p_w = (i_ng * (2 * ETA) + o_t)[:, None] * D + o_x[None, :]
-                    tl.store(wk_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
-                    tl.store(wk_t + p_w + ETA * D, tl.where(moved[:, None], 0., b_p), mask=m_s)
-                for c0 in range(0, DV, TD):
-                    o_x = c0 + tl.arange(0, TD)
-                    b_w, _ = state_rows(v, cv, wv, v, 1, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
-                                        DV, LAM, ETA, BR)
-                    b_p, _ = state_rows(v, cv, wv, v, 2, t0, o_x, i_nh, i_ng, cpos, phase, new_slot, w_end,
-                                        DV, LAM, ETA, BR)
-                    m_s = m_t[:, None] & (o_x < DV)[None, :]
-                    p_w = (i_ng * (2 * ETA) + o_t)[:, None] * DV + o_x[None, :]
-                    tl.store(wv_t + p_w, tl.where(moved[:, None], b_p, b_w), mask=m_s)
-                    tl.store(wv_t + p_w + ETA * DV, tl.where(moved[:, None], 0., b_p), mask=m_s)
+                shift_window(k, ck, wk, wk_t, t0, moved, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                             D, LAM, ETA, BR, TD)
+                shift_window(v, cv, wv, wv_t, t0, moved, i_nh, i_ng, cpos, phase, new_slot, w_end,
+                             DV, LAM, ETA, BR, TD)
 
 
 def decode_lola_fwd(

@@ -58,6 +58,19 @@ def load_refs(x, xw, xc, ref, i_n, i_h, i_x, tok_base, phase,
 
 
 @triton.jit
+def store_refs(x, xw, xc, ref, dst, p_c, m_l, i_n, i_h, i_x, tok_base, phase,
+               H: tl.constexpr, HX: tl.constexpr, DX: tl.constexpr, LAM: tl.constexpr, ETA: tl.constexpr,
+               TD: tl.constexpr):
+    """Rows ``p_c`` of ``dst`` [·, DX] (where ``m_l``) written from the cache references ``ref`` (as
+    :func:`load_refs` reads them), ``TD`` columns at a time."""
+    for c0 in range(0, DX, TD):
+        o_x = c0 + tl.arange(0, TD)
+        b_x = load_refs(x, xw, xc, ref, i_n, i_h, i_x, tok_base, phase, H, HX, DX, LAM, ETA, o_x, o_x < DX)
+        tl.store(dst + p_c[:, None] * DX + o_x[None, :], b_x.to(dst.dtype.element_ty),
+                 mask=m_l[:, None] & (o_x < DX)[None, :])
+
+
+@triton.jit
 def cand_valid(refp, r0, i_c, LAM: tl.constexpr, ETA: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr):
     """Which of the candidates ``r0 .. r0 + BR`` are real pairs (``refp``: the cache's reference list)."""
     o_r = r0 + tl.arange(0, BR)
