@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
 
-from fla_lola.kernels.select import boundary, copy_memory, load_grid, load_refs, slot_valid, store_refs
+from fla_lola.kernels.select import (boundary, copy_memory, load_grid, load_refs, slot_valid, store_cache,
+                                    store_grid)
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -163,17 +164,8 @@ def lola_fwd_kernel_select(
         # the cache, canonical: valid references first (ascending position), empty slots zero; in row blocks
         tl.store(newrefp + o_l, b_ref)
         tl.debug_barrier()
-        for r0 in range(0, BL, BR):
-            ref = tl.load(newrefp + r0 + o_r)
-            m_l = (r0 + o_r) < LAM
-            p_c = i_nh64 * LAM + r0 + o_r
-            store_refs(k, wk, ck, ref, ck_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, TD)
-            store_refs(v, wv, cv, ref, cv_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, TD)
-            store_refs(fk, wfk, cfk, ref, cfk_t, p_c, m_l, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, TD)
-        b_oldpos = tl.load(cpos + i_nh64 * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
-        b_gridpos = (seen // ETA - 1) * ETA + (b_ref - LAM)
-        b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, b_gridpos))
-        tl.store(cpos_t + i_nh64 * LAM + o_l, b_pos, mask=o_l < LAM)
+        store_cache(k, v, fk, wk, wv, wfk, ck, cv, cfk, cpos, ck_t, cv_t, cfk_t, cpos_t, newrefp,
+                    i_nh64, i_n, i_h, i_g, tok_base, phase, seen, H, HKV, D, DV, F, LAM, ETA, BL, BR, TD)
         # the window: W = grid chunk end // η, P = the next one (its first end % η slots are valid)
         w0 = (end // ETA) * ETA
         for i_w in tl.static_range(2):
@@ -183,23 +175,11 @@ def lola_fwd_kernel_select(
                 m_t = o_t < ETA
                 valid = m_t & slot_valid(slot, seen, end, ETA)
                 p_w = (i_nh64 * (2 * ETA) + i_w * ETA + o_t)
-                for c0 in range(0, F, TD):
-                    o_x = c0 + tl.arange(0, TD)
-                    b_fx = load_grid(fk, wfk, slot, valid, i_n, i_h, tok_base, phase, H, F, ETA, o_x, o_x < F)
-                    tl.store(wfk_t + p_w[:, None] * F + o_x[None, :], b_fx.to(wfk_t.dtype.element_ty),
-                             mask=m_t[:, None] & (o_x < F)[None, :])
+                store_grid(fk, wfk, slot, valid, wfk_t, p_w, m_t, i_n, i_h, tok_base, phase, H, F, ETA, TD)
                 if i_h % (H // HKV) == 0:  # one writer per key head
                     p_g = ((i_n * HKV + i_g).to(tl.int64) * (2 * ETA) + i_w * ETA + o_t)
-                    for c0 in range(0, D, TD):
-                        o_x = c0 + tl.arange(0, TD)
-                        b_kx = load_grid(k, wk, slot, valid, i_n, i_g, tok_base, phase, HKV, D, ETA, o_x, o_x < D)
-                        tl.store(wk_t + p_g[:, None] * D + o_x[None, :], b_kx.to(wk_t.dtype.element_ty),
-                                 mask=m_t[:, None] & (o_x < D)[None, :])
-                    for c0 in range(0, DV, TD):
-                        o_x = c0 + tl.arange(0, TD)
-                        b_vx = load_grid(v, wv, slot, valid, i_n, i_g, tok_base, phase, HKV, DV, ETA, o_x, o_x < DV)
-                        tl.store(wv_t + p_g[:, None] * DV + o_x[None, :], b_vx.to(wv_t.dtype.element_ty),
-                                 mask=m_t[:, None] & (o_x < DV)[None, :])
+                    store_grid(k, wk, slot, valid, wk_t, p_g, m_t, i_n, i_g, tok_base, phase, HKV, D, ETA, TD)
+                    store_grid(v, wv, slot, valid, wv_t, p_g, m_t, i_n, i_g, tok_base, phase, HKV, DV, ETA, TD)
 
 
 # ---------------------------------------------------------------------------------------------------

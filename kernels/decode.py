@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fla_lola.kernels.chunk import alloc_state_like, block, empty_state_like, scratch, tiles, tl_acc
-from fla_lola.kernels.select import boundary, copy_memory, store_refs
+from fla_lola.kernels.select import boundary, copy_memory, store_cache
 from fla_lola.ops.state import LoLAState, accumulation_dtype
 from fla_lola.ops.utils import EPS
 
@@ -176,17 +176,8 @@ def lola_decode_kernel(
             tl.debug_barrier()
 
         # the cache: slot j holds reference newref[j] (a state cache slot, or λ + a W slot), empty slots zero
-        b_ref = tl.load(newrefp + o_l)
-        b_oldpos = tl.load(cpos + i_nh * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
-        b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, (seen // ETA - 1) * ETA + (b_ref - LAM)))
-        tl.store(cpos_t + i_nh * LAM + o_l, b_pos, mask=o_l < LAM)
-        for r0 in range(0, BL, BR):
-            ref = tl.load(newrefp + r0 + o_r)
-            m_l = (r0 + o_r) < LAM
-            p_c = i_nh * LAM + r0 + o_r
-            store_refs(k, wk, ck, ref, ck_t, p_c, m_l, i_n, i_h, i_g, 0, phase, H, HKV, D, LAM, ETA, TD)
-            store_refs(v, wv, cv, ref, cv_t, p_c, m_l, i_n, i_h, i_g, 0, phase, H, HKV, DV, LAM, ETA, TD)
-            store_refs(fk, wfk, cfk, ref, cfk_t, p_c, m_l, i_n, i_h, i_h, 0, phase, H, H, F, LAM, ETA, TD)
+        store_cache(k, v, fk, wk, wv, wfk, ck, cv, cfk, cpos, ck_t, cv_t, cfk_t, cpos_t, newrefp,
+                    i_nh, i_n, i_h, i_g, 0, phase, seen, H, HKV, D, DV, F, LAM, ETA, BL, BR, TD)
 
         # the window: at a boundary P (with the token) becomes W and P empties
         shift = tl.where(boundary_now, ETA, 0)

@@ -71,7 +71,42 @@ def store_refs(x, xw, xc, ref, dst, p_c, m_l, i_n, i_h, i_x, tok_base, phase,
 
 
 @triton.jit
-def cand_valid(refp, r0, i_c, LAM: tl.constexpr, ETA: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr):
+def store_grid(x, xw, slot, valid, dst, p_w, m_t, i_n, i_x, tok_base, phase,
+               HX: tl.constexpr, DX: tl.constexpr, ETA: tl.constexpr, TD: tl.constexpr):
+    """Rows ``p_w`` of ``dst`` [·, DX] (where ``m_t``) written from grid slots ``slot`` (as :func:`load_grid`
+    reads them: zero where not ``valid``), ``TD`` columns at a time."""
+    for c0 in range(0, DX, TD):
+        o_x = c0 + tl.arange(0, TD)
+        b_x = load_grid(x, xw, slot, valid, i_n, i_x, tok_base, phase, HX, DX, ETA, o_x, o_x < DX)
+        tl.store(dst + p_w[:, None] * DX + o_x[None, :], b_x.to(dst.dtype.element_ty),
+                 mask=m_t[:, None] & (o_x < DX)[None, :])
+
+
+@triton.jit
+def store_cache(k, v, fk, wk, wv, wfk, ck, cv, cfk, cpos, ck_t, cv_t, cfk_t, cpos_t, refp,
+                i_nh, i_n, i_h, i_g, tok_base, phase, seen,
+                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+                LAM: tl.constexpr, ETA: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr, TD: tl.constexpr):
+    """The new state's cache of (row, query head) ``i_nh`` from its reference list ``refp`` [BL] (kept references
+    first, then -1): slot ``j`` holds the pair reference ``refp[j]`` names (a slot of the old cache, or λ + a grid
+    slot) and its position; empty slots are zero, at position -1."""
+    o_l = tl.arange(0, BL)
+    b_ref = tl.load(refp + o_l)
+    b_oldpos = tl.load(cpos + i_nh * LAM + b_ref, mask=(b_ref >= 0) & (b_ref < LAM), other=-1)
+    b_pos = tl.where(b_ref < 0, -1, tl.where(b_ref < LAM, b_oldpos, (seen // ETA - 1) * ETA + (b_ref - LAM)))
+    tl.store(cpos_t + i_nh * LAM + o_l, b_pos, mask=o_l < LAM)
+    o_r = tl.arange(0, BR)
+    for r0 in range(0, BL, BR):
+        ref = tl.load(refp + r0 + o_r)
+        m_l = (r0 + o_r) < LAM
+        p_c = i_nh * LAM + r0 + o_r
+        store_refs(k, wk, ck, ref, ck_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, D, LAM, ETA, TD)
+        store_refs(v, wv, cv, ref, cv_t, p_c, m_l, i_n, i_h, i_g, tok_base, phase, H, HKV, DV, LAM, ETA, TD)
+        store_refs(fk, wfk, cfk, ref, cfk_t, p_c, m_l, i_n, i_h, i_h, tok_base, phase, H, H, F, LAM, ETA, TD)
+
+
+@triton.jit
+def cand_valid(refp, r0, LAM: tl.constexpr, ETA: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr):
     """Which of the candidates ``r0 .. r0 + BR`` are real pairs (``refp``: the cache's reference list)."""
     o_r = r0 + tl.arange(0, BR)
     ref = tl.load(refp + o_r, mask=o_r < LAM, other=-1)
@@ -165,7 +200,7 @@ def boundary(v, fk, wv, wfk, cv, cfk, refp, newrefp, flagp, scp,
                             H, HKV, DV, LAM, ETA, BL, BR, TV).to(ACC)
             b_e = b_v - b_r / z[:, None]
             err += tl.sum(b_e * b_e, 1)
-        valid = cand_valid(refp, r0, i_c, LAM, ETA, BL, BR)
+        valid = cand_valid(refp, r0, LAM, ETA, BL, BR)
         tl.store(scp + r0 + o_r, tl.where(valid, tl.sqrt(err), float('-inf')))
         tl.debug_barrier()   # (the next row block overwrites the Gram rows)
 
@@ -182,8 +217,7 @@ def boundary(v, fk, wv, wfk, cv, cfk, refp, newrefp, flagp, scp,
     for j0 in range(0, NCAND, BJ):
         o_j = j0 + tl.arange(0, BJ)
         s_j = tl.load(scp + o_j)
-        ref_j = tl.load(refp + o_j, mask=o_j < LAM, other=-1)
-        valid_j = tl.where(o_j < BL, ref_j >= 0, o_j - BL < ETA)
+        valid_j = cand_valid(refp, j0, LAM, ETA, BL, BJ)
         beats_c = valid_j[None, :] & ((s_j[None, :] > sc_c[:, None]) |
                                       ((s_j[None, :] == sc_c[:, None]) & (o_j[None, :] < o_c[:, None])))
         beats_w = valid_j[None, :] & ((s_j[None, :] > sc_w[:, None]) |
