@@ -349,6 +349,49 @@ def test_shipped_weights_reproduce_the_shipped_results():
                 assert got == shipped[:10], (task, variant, L)
 
 
+def readme_rows(task_cells: int) -> dict:
+    """The README's pass-key table rows with ``task_cells`` value cells, by task: [(label, [cells])] in order."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip().strip("*").strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("| ") and cells[0] in pk.TASKS and len(cells) == 2 + task_cells:
+            rows.setdefault(cells[0], []).append((cells[1], cells[2:]))
+    return rows
+
+
+def test_readme_tables_are_the_shipped_results():
+    """Every number of the README's pass-key tables is the shipped JSON's, rounded to a point: the accuracy table
+    (task × variant × length, with the pairs each variant keeps) and the cache-size table (λ = 8, 16, 32 from
+    ``examples/results/cache_size/``, λ = 64 from the main results; 1K / 2K)."""
+    ex = load_example("passkey")
+    results = os.path.join(ROOT, "examples", "results")
+    with open(os.path.join(results, "passkey.json")) as f:
+        main = json.load(f)
+    rows = readme_rows(task_cells=len(main["tasks"]["single"]["lengths"]))
+    assert list(rows) == list(main["tasks"])
+    for task, res in main["tasks"].items():
+        assert [label.rsplit(" (", 1)[1] for label, _ in rows[task]] == [
+            f"{main['stored_pairs'][v]})" for v in ex.VARIANTS]
+        for (label, cells), variant in zip(rows[task], ex.VARIANTS):
+            want = [f"{round(100 * res['accuracy'][variant][str(L)])} %" for L in res["lengths"]]
+            assert cells == want, (task, label)
+
+    scores = {"SRE": "lola", "leave-one-out": "lola_loo", "value norm": "lola_value_norm", "recency": "lola_recency"}
+    by_lambda = {}
+    for lam in (8, 16, 32):
+        with open(os.path.join(results, "cache_size", f"passkey_lambda{lam}.json")) as f:
+            by_lambda[lam] = json.load(f)
+    by_lambda[64] = main
+    rows = readme_rows(task_cells=len(by_lambda))
+    assert sum(len(r) for r in rows.values()) == len(pk.TASKS) * len(scores)
+    for task, task_rows in rows.items():
+        for score, cells in task_rows:
+            acc = [by_lambda[lam]["tasks"][task]["accuracy"][scores[score]] for lam in by_lambda]
+            assert cells == [f"{round(100 * a['1024'])} / {round(100 * a['2048'])}" for a in acc], (task, score)
+
+
 def test_passkey_variants_at_another_cache_size_keep_equal_memory():
     """``--cache-size`` moves λ of every LoLA variant and widens the window-only variant to the same number of exact
     pairs; ``model_for`` sets it on every layer of the student."""
