@@ -33,6 +33,12 @@ pytestmark = [
                        reason='Triton kernels need a CUDA device or TRITON_INTERPRET=1 (the CPU interpreter)'),
 ]
 
+def examples(n: int) -> int:
+    """Hypothesis examples for a kernel property: ``n`` on a GPU; under the interpreter, which runs every program of a
+    launch as Python, half of them (at least 10), which keeps CI within 30 minutes on 2 cores."""
+    return max(10, n // 2) if INTERPRET else n
+
+
 # float64 kernels against the float64 reference: the same math, so rounding only
 ATOL, RTOL = 1e-10, 1e-9
 
@@ -78,7 +84,7 @@ def run(p: Problem, backend, tensors=None, initial_state=None, **kw):
 
 # ---- 1. prefill -------------------------------------------------------------------------------------
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(p=kernel_problems())
 @example(p=make_problem(0, B=1, T=13, H=1, Hkv=1, D=2, Dv=2, F=2, window_size=1, cache_size=0))
 @example(p=make_problem(1, B=2, T=30, H=2, Hkv=1, D=3, Dv=1, F=1, window_size=3, cache_size=6, mix='lolcats'))
@@ -92,7 +98,7 @@ def test_triton_prefill_matches_naive(p):
     assert_states_equal(s, s_ref, atol=ATOL, rtol=RTOL)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(p=kernel_problems(), cache=st.sampled_from(['zero', 'T', 'more than T']))
 def test_triton_lambda_extremes_match_naive(p, cache):
     """λ = 0 (terraced window + linear attention) and λ ≥ T (nothing is ever folded: exact softmax)."""
@@ -104,7 +110,7 @@ def test_triton_lambda_extremes_match_naive(p, cache):
     assert_states_equal(s, s_ref, atol=ATOL, rtol=RTOL)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(p=kernel_problems(min_heads=2, max_heads=2, min_group=2, max_group=3, budget=24))
 @example(p=make_problem(5, B=1, T=30, H=4, Hkv=2, D=4, Dv=4, F=8, window_size=3, cache_size=2))
 def test_triton_gqa_matches_naive(p):
@@ -118,7 +124,7 @@ def test_triton_gqa_matches_naive(p):
 
 # ---- 2. decode steps and streaming ---------------------------------------------------------------------
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(p=kernel_problems(max_B=2, max_heads=2, max_group=2, max_window=5, budget=12), data=st.data(),
        backends=st.sampled_from([('triton', 'triton'), ('triton', 'torch'), ('torch', 'triton')]))
 @example(p=make_problem(3, B=2, T=14, H=2, Hkv=1, D=4, Dv=3, F=5, window_size=3, cache_size=2), data=None,
@@ -144,7 +150,7 @@ def test_decode_steps_after_a_prefill_match_naive(p, data, backends):
     assert_states_equal(state, s_ref, atol=ATOL, rtol=RTOL)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(p=kernel_problems(max_B=2, budget=12), data=st.data(),
        backends=st.sampled_from([('triton', 'triton'), ('triton', 'torch'), ('torch', 'triton'),
                                  ('triton', 'naive')]))
@@ -165,7 +171,7 @@ def test_streaming_split_is_invariant(p, data, backends):
 
 # ---- 3. varlen, padding ----------------------------------------------------------------------------------
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(p=kernel_problems(max_B=1, budget=16), data=st.data())
 def test_packed_sequences_equal_each_sequence_alone(p, data):
     """``cu_seqlens`` (empty sequences included): each packed sequence gets the outputs and state it gets alone."""
@@ -180,7 +186,7 @@ def test_packed_sequences_equal_each_sequence_alone(p, data):
         assert_states_equal(state.index_select(torch.tensor([i])), s_alone, atol=ATOL, rtol=RTOL)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(p=kernel_problems(max_B=3, max_heads=1, budget=12),
        kept=st.lists(st.floats(0, 1), min_size=3, max_size=3), left=st.booleans(), decode=st.booleans())
 @example(p=make_problem(0, B=1, T=1, H=1, Hkv=1, D=1, Dv=1, F=1, window_size=1, cache_size=0, mix='lolcats'),
@@ -352,7 +358,7 @@ def test_decode_step_through_the_model_never_waits_for_the_device():
 
 # ---- 4. low precision ------------------------------------------------------------------------------------
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(p=kernel_problems(max_B=2, budget=12), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_low_precision_error_is_pytorchs_own(p, dtype):
     """FlashAttention-style bound, prefill then one decode step in ``dtype``: the kernels are at most twice as far
