@@ -33,6 +33,7 @@ pytestmark = [
                        reason='Triton kernels need a CUDA device or TRITON_INTERPRET=1 (the CPU interpreter)'),
 ]
 
+
 def examples(n: int) -> int:
     """Hypothesis examples for a kernel property: ``n`` on a GPU; under the interpreter, which runs every program of a
     launch as Python, half of them (at least 10), which keeps CI within 30 minutes on 2 cores."""
