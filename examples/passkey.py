@@ -27,7 +27,9 @@ change no weight:
 Accuracy is exact match of the 5 key digits (teacher-forced argmax, equal to greedy decoding) on
 documents of 512, 1K, 2K, 4K and 8K tokens, needle depths evenly spread, from a seed no training step uses
 (``text`` documents from prose passages no training step saw). The JSON keeps every document's verdict
-(``hits``: one "0"/"1" per document), so a slice can be re-checked exactly (tests/test_passkey.py does).
+(``hits``: one character per document, "1" right or how it went wrong, ``fla_lola.passkey.VERDICTS``: "k" another
+key of the prompt, "s" digits copied from another key at their place, "0" other wrong digits), so a slice can be
+re-checked exactly (tests/test_passkey.py does). The table counts the misses of each kind.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def train(out: str, smoke: bool, log) -> None:
 
 def cell_hits(model, task: str, length: int, docs: int, batch_size: int, first: int | None = None,
               on_batch=None) -> str:
-    """Exact match of the evaluation documents of one (task, length) as a string of "0"/"1", one per document.
+    """The verdicts on the evaluation documents of one (task, length), one :data:`fla_lola.passkey.VERDICTS`
+    character per document: "1" right, "k" / "s" / "0" the ways a miss goes wrong.
 
     ``first`` evaluates only the first documents of the ``docs``-document set (the set itself, with its evenly
     spread depths, depends on ``docs``). Batches hold at most ``batch_size`` documents and ~16K tokens.
@@ -120,13 +123,15 @@ def cell_hits(model, task: str, length: int, docs: int, batch_size: int, first: 
     batch = pk.eval_documents(length, docs, task=task)
     n = docs if first is None else min(first, docs)
     step = max(1, min(batch_size, 16384 // length))
-    hits = []
+    out = []
     for i in range(0, n, step):
-        sub = pk.PassKeyBatch(batch.input_ids[i:min(n, i + step)], batch.answer_start, [], [])
-        hits.append(pk.exact_match(model, sub, batch_size=step))
+        ids = batch.input_ids[i:min(n, i + step)]
+        pred = pk.predict_answers(model, pk.PassKeyBatch(ids, batch.answer_start, [], []), batch_size=step)
+        out += [pk.verdict(d[:batch.answer_start], d[batch.answer_start:], p)
+                for d, p in zip(ids.tolist(), pred.tolist())]
         if on_batch is not None:
-            on_batch(sub.input_ids.shape[0])
-    return "".join("1" if h else "0" for h in torch.cat(hits).tolist())
+            on_batch(ids.shape[0])
+    return "".join(out)
 
 
 def load_models(weights: str):
@@ -226,6 +231,11 @@ def table(result: dict) -> str:
         for name, accs in res["accuracy"].items():
             rows.append(f"{names[name]:<34} {result['stored_pairs'][name]:>6} "
                         + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
+        misses = {name: {c: sum(h.count(c) for h in res["hits"][name].values()) for c in "ks0"}
+                  for name in res["hits"]}
+        rows.append("misses, all lengths (k another key of the prompt / s digits from another key at their place / "
+                    "0 other wrong digits): " + ", ".join(f"{name} " + "/".join(str(n[c]) for c in "ks0")
+                                                          for name, n in misses.items()))
         rows.append("")
     max_len = lengths[-1]
     rows.append(f"pairs = exact key-value pairs kept per layer and head at {max_len} tokens "

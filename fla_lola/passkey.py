@@ -266,14 +266,35 @@ def answer_logits(model, input_ids: torch.Tensor, answer_start: int) -> torch.Te
 
 
 @torch.no_grad()
+def predict_answers(model, batch: PassKeyBatch, batch_size: int = 8) -> torch.Tensor:
+    """``[B, 5]``: the argmax token at each answer position (teacher-forced, see module doc)."""
+    return torch.cat([answer_logits(model, batch.input_ids[i:i + batch_size], batch.answer_start).argmax(-1)
+                      for i in range(0, batch.input_ids.shape[0], batch_size)])
+
+
 def exact_match(model, batch: PassKeyBatch, batch_size: int = 8) -> torch.Tensor:
-    """``[B]`` bool: every answer digit is the argmax at its position (teacher-forced, see module doc)."""
-    hits = []
-    for i in range(0, batch.input_ids.shape[0], batch_size):
-        ids = batch.input_ids[i:i + batch_size]
-        pred = answer_logits(model, ids, batch.answer_start).argmax(-1)
-        hits.append((pred == ids[:, batch.answer_start:]).all(-1))
-    return torch.cat(hits)
+    """``[B]`` bool: every answer digit is the argmax at its position."""
+    return (predict_answers(model, batch, batch_size) == batch.answers).all(-1)
+
+
+# How a prediction of the answer went wrong, one character per document (``examples/passkey.py`` records them):
+# "1" right; "k" another key of the prompt, whole (another needle's, in `multikey`); "s" wrong digits that each
+# equal the digit at the same place of another key of the prompt (copied from the wrong needle); "0" other wrong
+# digits. A key of the prompt is any run of 5 digit tokens other than the asked key.
+VERDICTS = {"1": "right", "k": "another key", "s": "digits from another key, same place", "0": "other wrong digits"}
+
+
+def verdict(prompt: list[int], answer: list[int], pred: list[int]) -> str:
+    """The :data:`VERDICTS` character of ``pred`` (the predicted answer tokens) for ``answer`` after ``prompt``."""
+    if pred == answer:
+        return "1"
+    digits = set(TOKENIZER.digit_ids)
+    others = [prompt[i:i + KEY_DIGITS] for i in range(len(prompt) - KEY_DIGITS + 1)
+              if all(t in digits for t in prompt[i:i + KEY_DIGITS]) and prompt[i:i + KEY_DIGITS] != answer]
+    if pred in others:
+        return "k"
+    wrong = [j for j in range(KEY_DIGITS) if pred[j] != answer[j]]
+    return "s" if all(any(o[j] == pred[j] for o in others) for j in wrong) else "0"
 
 
 # ---------------------------------------------------------------- the teacher

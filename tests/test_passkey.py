@@ -143,6 +143,32 @@ def test_exact_match_scores_an_oracle_and_a_guesser():
     assert (pk.exact_match(zeros, batch, batch_size=4) == torch.tensor([k == "00000" for k in batch.keys])).all()
 
 
+def test_verdict_tells_how_a_multikey_answer_went_wrong():
+    """On real ``multikey`` documents: the asked key is "1", another needle's whole key "k", the asked key with one
+    digit taken from another needle's key at the same place "s", a digit no key has at that place "0"."""
+    batch = pk.eval_documents(256, 20, task="multikey")
+    digit = {d: i for d, i in zip(pk.DIGITS, pk.TOKENIZER.digit_ids)}
+    seen = set()
+    for doc, key in zip(batch.input_ids.tolist(), batch.keys):
+        prompt, answer = doc[:batch.answer_start], doc[batch.answer_start:]
+        assert answer == [digit[d] for d in key]
+        keys = [prompt[i:i + 5] for i in range(len(prompt) - 4) if all(t in digit.values() for t in prompt[i:i + 5])]
+        others = [k for k in keys if k != answer]
+        assert len(keys) == pk.N_NEEDLES and len(others) == pk.N_NEEDLES - 1   # the three needles' keys
+        assert pk.verdict(prompt, answer, answer) == "1"
+        assert pk.verdict(prompt, answer, others[0]) == "k"
+        for j in range(5):
+            at_j = {o[j] for o in others} - {answer[j]}
+            for d in pk.TOKENIZER.digit_ids:
+                if d != answer[j]:
+                    pred = answer[:j] + [d] + answer[j + 1:]
+                    want = "k" if pred in others else "s" if d in at_j else "0"
+                    assert pk.verdict(prompt, answer, pred) == want
+                    seen.add(want)
+    assert {"s", "0"} <= seen   # both kinds of single-digit miss occur in these documents
+    assert pk.VERDICTS.keys() == {"1", "k", "s", "0"}
+
+
 # ---------------------------------------------------------------- conversion
 
 
