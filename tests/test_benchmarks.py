@@ -78,3 +78,26 @@ def test_every_triton_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     assert len({str(r['config']) for r in rows if r['kernel'] == 'lola_fwd_kernel_o'}) == 4   # every config built
     # ptxas answered for every kernel (spills are reported, not refused: they cost speed, not correctness)
     assert all(r['fits'] and 0 < r['shared_bytes'] and r['registers'] > 0 and r['spill_bytes'] >= 0 for r in rows)
+
+
+@torch.no_grad()
+def test_loo_work_ratio_is_what_the_torch_backend_multiplies():
+    """``loo_work_ratio``, printed beside the LOO cost target of ``benchmarks/cpu.py``, is the torch backend's own
+    arithmetic: LOO's matmul FLOPs over SRE's per chunk of a prefill, as torch's ``FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fla_lola import lola_attention
+
+    bench = load('cpu')
+    H, D, F, eta, lam = 2, 16, 24, 8, 8
+
+    def flops(selection, chunks):
+        with FlopCounterMode(display=False) as counter:
+            lola_attention(*bench.inputs(chunks * eta, H, D, F, torch.float32), window_size=eta, cache_size=lam,
+                           selection=selection, backend='torch', validate=False)
+        return counter.get_total_flops()
+
+    # the difference of two lengths is 20 chunks with a boundary after each: what the start does once cancels
+    sre, loo = (flops(s, 40) - flops(s, 20) for s in ('sre', 'loo'))
+    assert loo > sre > 0
+    assert loo / sre == pytest.approx(bench.loo_work_ratio(D, D, F, eta, lam), rel=1e-12)
