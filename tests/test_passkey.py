@@ -165,6 +165,13 @@ def test_verdict_tells_how_a_multikey_answer_went_wrong():
                     want = "k" if pred in others else "s" if d in at_j else "0"
                     assert pk.verdict(prompt, answer, pred) == want
                     seen.add(want)
+        # two wrong digits: "s" only when both come from other keys at their places
+        o = others[0]
+        j, k = [i for i in range(5) if o[i] != answer[i]][:2]
+        both = answer[:j] + [o[j]] + answer[j + 1:k] + [o[k]] + answer[k + 1:]
+        assert pk.verdict(prompt, answer, both) == ("k" if both in others else "s")
+        stray = next(d for d in pk.TOKENIZER.digit_ids if d != answer[k] and all(x[k] != d for x in others))
+        assert pk.verdict(prompt, answer, both[:k] + [stray] + both[k + 1:]) == "0"
     assert {"s", "0"} <= seen   # both kinds of single-digit miss occur in these documents
     assert pk.VERDICTS.keys() == {"1", "k", "s", "0"}
 
