@@ -231,11 +231,11 @@ def table(result: dict) -> str:
         for name, accs in res["accuracy"].items():
             rows.append(f"{names[name]:<34} {result['stored_pairs'][name]:>6} "
                         + " ".join(f"{100 * accs[L]:>6.1f}%" for L in lengths))
-        misses = {name: {c: sum(h.count(c) for h in res["hits"][name].values()) for c in "ks0"}
-                  for name in res["hits"]}
-        rows.append("misses, all lengths (k another key of the prompt / s digits from another key at their place / "
-                    "0 other wrong digits): " + ", ".join(f"{name} " + "/".join(str(n[c]) for c in "ks0")
-                                                          for name, n in misses.items()))
+        kinds = [c for c in pk.VERDICTS if c != "1"]
+        counts = {name: "/".join(str(sum(h.count(c) for h in per_len.values())) for c in kinds)
+                  for name, per_len in res["hits"].items()}
+        rows.append(f"misses, all lengths ({' / '.join(f'{c} {pk.VERDICTS[c]}' for c in kinds)}): "
+                    + ", ".join(f"{name} {n}" for name, n in counts.items()))
         rows.append("")
     max_len = lengths[-1]
     rows.append(f"pairs = exact key-value pairs kept per layer and head at {max_len} tokens "

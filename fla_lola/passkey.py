@@ -335,14 +335,15 @@ class Phase:
 # 1K-4.6K and then 2K-4.6K with a cosine learning rate and `multikey` drawn half the time. From the second phase on,
 # `multikey` documents ask every needle (three answers per document instead of one). The model does not extrapolate
 # past the lengths it trained on, so training runs a little past the longest evaluated length. Asking every needle in
-# the two long phases lifted 4K from 70 / 65 / 31 % to 94 / 91 / 68 % (`single` / `text` / `multikey`); asking it
-# from the second phase and drawing `multikey` more often in the long ones, to 100 / 96 / 76 % (README, pass-key
-# section). `multikey` misses are one or two wrong digits of the asked key, never another needle's key: what is left
-# to learn is positional precision in copying. Measured while choosing this (answer loss per digit on `multikey`): a
-# 2-layer model stayed near chance (1.9 after 350 multikey-heavy steps); 3 layers trained on `single` alone first
-# learned to copy *a* needle but not to match the name (0.4-0.5 after 700 such steps; the first digit right about a
-# third of the time); mixing `multikey` in from the first step broke through (0.15 after 950 steps). 4 layers or 8
-# heads of 16 dimensions learned more slowly than 3 layers of 4 × 32.
+# the two long phases lifted 4K from 70 / 65 / 31 % to 94 / 91 / 68 % (`single` / `text` / `multikey`); asking it from
+# the second phase and drawing `multikey` more often in the long ones, to 100 / 96 / 76 % (README, pass-key section).
+# `multikey` misses are never another needle's whole key; up to 2K most are digits read from another needle's key at
+# the same place (:func:`verdict`), so what is left to learn there is which needle to copy from (at 4K copying
+# degrades more generally). Measured while choosing this (answer loss per digit on `multikey`): a 2-layer model stayed
+# near chance (1.9 after 350 multikey-heavy steps); 3 layers trained on `single` alone first learned to copy *a*
+# needle but not to match the name (0.4-0.5 after 700 such steps; the first digit right about a third of the time);
+# mixing `multikey` in from the first step broke through (0.15 after 950 steps). 4 layers or 8 heads of 16 dimensions
+# learned more slowly than 3 layers of 4 × 32.
 LONG_TASK_WEIGHTS = {"single": 0.2, "text": 0.3, "multikey": 0.5}
 TEACHER_SCHEDULE = [
     Phase(500, 73, 160, 1e-3, {"single": 0.5, "multikey": 0.5}),
