@@ -118,6 +118,61 @@ def test_training_documents_that_ask_every_needle():
     assert pk.passkey_loss(logits, ids, asked.answer_start)[1] < 1e-6
 
 
+@pytest.mark.parametrize("task", pk.TASKS)
+def test_gapped_positions_skip_filler_only_and_reach_the_span(task):
+    rng = random.Random(f"gap-{task}")
+    batch = pk.make_batch(400, 6, rng, task=task, ask_all=True)
+    question = batch.answer_start - len(pk._question(pk.NAMES[0] if task == "multikey" else None))
+    gaps = set()
+    for _ in range(5):
+        pos = pk.gapped_positions(batch, rng, 3000)
+        assert pos.shape == batch.input_ids.shape and pos.dtype == torch.int64 and pos[:, 0].eq(0).all()
+        steps = pos.diff(dim=1)
+        assert steps.ge(1).all() and steps.ne(1).sum(1).le(1).all()   # in order, at most one jump a document
+        assert pos[:, -1].max() < 3000 and pos[:, -1].unique().numel() == 1   # one gap for the batch, within span
+        gaps.add(pos[0, -1].item() + 1 - 400)
+        for doc, row in zip(batch.input_ids.tolist(), pos.tolist()):
+            cut = next((j for j in range(1, 400) if row[j] - row[j - 1] > 1), None)
+            if cut is None:
+                continue
+            assert cut <= question and (cut == question or doc[cut - 1] == pk.TOKENIZER.index["."])
+            # a needle's sentence (name, key and its period) never straddles the cut
+            last_needle = pk.TOKENIZER.decode(doc[:cut]).rsplit("The pass key", 1)
+            assert len(last_needle) == 1 or " ." in last_needle[1]
+    assert len(gaps) > 1 and 0 < min(gaps)
+    # no room for a gap: the positions are 0 .. T - 1
+    assert torch.equal(pk.gapped_positions(batch, rng, 400), torch.arange(400).repeat(6, 1))
+
+
+def test_training_passes_gapped_positions_and_answer_positions_to_the_model():
+    seen = []
+
+    class Recorder(torch.nn.Module):  # a bigram model that records what training asks of it
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(len(pk.TOKENIZER), len(pk.TOKENIZER))
+
+        def forward(self, input_ids, position_ids=None, logits_to_keep=None):
+            seen.append((input_ids, position_ids, logits_to_keep))
+            logits = self.emb(input_ids)
+            return type("Out", (), {"logits": logits if logits_to_keep is None else logits[:, logits_to_keep]})
+
+    schedule = [pk.Phase(3, 100, 120, 1e-3, gap=1.0, span=1000), pk.Phase(2, 100, 120, 1e-3),
+                pk.Phase(2, 100, 120, 0.0, {"multikey": 1.0}, ask_all=True, lm_weight=0)]  # lr 0: nothing moves
+    model = Recorder()
+    losses = pk.train_teacher(model, schedule, tokens_per_step=256, progress=False, log=None)
+    assert all(p is not None and p[:, -1].max() < 1000 for _, p, _ in seen[:3])
+    assert all(p is None and k is None for _, p, k in seen[3:5])
+    # lm_weight=0: the head runs only where the digits of the three answers are predicted; the loss is the answer
+    # loss of the full logits
+    ids, _, keep = seen[-1]
+    assert keep.numel() == pk.N_NEEDLES * pk.KEY_DIGITS
+    assert all(pk.TOKENIZER.vocab[t] in pk.DIGITS for t in ids[:, keep + 1].flatten().tolist())
+    with torch.no_grad():
+        _, expected = pk.passkey_loss(model(ids).logits, ids, tuple((keep[::pk.KEY_DIGITS] + 1).tolist()))
+    assert losses[-1] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_eval_documents_are_fixed_and_spread_in_depth():
     a, b = pk.eval_documents(256, 11), pk.eval_documents(256, 11)
     assert torch.equal(a.input_ids, b.input_ids)

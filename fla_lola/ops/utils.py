@@ -167,7 +167,7 @@ def check_inputs(
                 continue
             # one reduction pass instead of an elementwise isfinite (16x slower on CPU): aminmax propagates NaN,
             # so any NaN or Inf in x shows up in its min or max
-            lo, hi = (float(t) for t in torch.aminmax(x))
+            lo, hi = (float(t) for t in torch.aminmax(x.detach()))
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 _fail(name, "contains NaN or Inf")
             if name in ('fq', 'fk') and lo < 0:
