@@ -388,7 +388,7 @@ def gapped_positions(batch: PassKeyBatch, rng: random.Random, span: int) -> torc
     ids = batch.input_ids
     T = ids.shape[1]
     gap = round(math.exp(rng.uniform(math.log(T), math.log(max(T, span))))) - T
-    question = batch.answer_start - (_QA_LENGTH - KEY_DIGITS if batch.task == "multikey" else len(_QUESTION_IDS))
+    question = batch.answer_start - len(_question(NAMES[0] if batch.task == "multikey" else None))  # names: 1 token
     pos = torch.arange(T).repeat(ids.shape[0], 1)
     for row, doc in zip(pos, ids[:, :question].tolist()):
         cut = rng.choice([j for j in range(1, question) if doc[j - 1] == _PERIOD] + [question])
