@@ -452,8 +452,8 @@ def readme_rows(task_cells: int) -> dict:
 def test_readme_tables_are_the_shipped_results():
     """Every number of the README's pass-key tables is the shipped JSON's, rounded to a point: the accuracy table
     (task × variant × length, with the pairs each variant keeps), the cache-size table (λ = 8, 16, 32 from
-    ``examples/results/cache_size/``, λ = 64 from the main results; 1K / 2K) and the table of SRE and LOO at λ = 64
-    and at λ = 896, a quarter of the teacher's pairs at 4K (512 / 1K / 2K / 4K)."""
+    ``examples/results/cache_size/``, λ = 64 from the main results; 1K / 2K) and the table of SRE and LOO at λ = 64,
+    256 and 896, the last a quarter of the teacher's pairs at 4K (512 / 1K / 2K / 4K)."""
     ex = load_example("passkey")
     results = os.path.join(ROOT, "examples", "results")
     with open(os.path.join(results, "passkey.json")) as f:
@@ -480,16 +480,19 @@ def test_readme_tables_are_the_shipped_results():
             acc = [by_lambda[lam]["tasks"][task]["accuracy"][scores[score]] for lam in by_lambda]
             assert cells == [f"{round(100 * a['1024'])} / {round(100 * a['2048'])}" for a in acc], (task, score)
 
-    with open(os.path.join(results, "cache_size", "passkey_lambda896.json")) as f:
-        big = json.load(f)
-    assert big["cache_size"] == 896 and big["stored_pairs"]["lola"] == 1024 == 4096 // 4
-    rows = readme_rows(task_cells=2)
+    columns = [main]
+    for lam in (256, 896):
+        with open(os.path.join(results, "cache_size", f"passkey_lambda{lam}.json")) as f:
+            columns.append(json.load(f))
+        assert columns[-1]["cache_size"] == lam and columns[-1]["stored_pairs"]["lola"] == lam + 2 * 64
+    assert columns[-1]["stored_pairs"]["lola"] == 4096 // 4
+    rows = readme_rows(task_cells=len(columns))
     assert list(rows) == list(pk.TASKS)
     for task, task_rows in rows.items():
         assert [score for score, _ in task_rows] == ["SRE", "leave-one-out"]
         for score, cells in task_rows:
             assert cells == [" / ".join(str(round(100 * r["tasks"][task]["accuracy"][scores[score]][str(L)]))
-                                        for L in (512, 1024, 2048, 4096)) for r in (main, big)], (task, score)
+                                        for L in (512, 1024, 2048, 4096)) for r in columns], (task, score)
 
 
 def test_passkey_variants_at_another_cache_size_keep_equal_memory():
