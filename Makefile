@@ -38,11 +38,15 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/passkey.py --docs 20 --processes 2 --json out/passkey.json
 
-# every pytest invocation runs even if an earlier one failed; the target fails if any did
+# every pytest invocation runs even if an earlier one failed; the target fails if any did. Triton's interpreter runs
+# a kernel as Python on one core, so the kernel tests run in one pytest-xdist worker per core, each with one torch
+# thread (more OpenMP threads than cores make torch's kernels spin against each other)
+TRITON_WORKERS ?= auto
 test: $(VENV)/.installed
 	@status=0; \
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTEST) -m "not triton" || status=1; \
-	PATH="$(abspath $(VENV))/bin:$$PATH" TRITON_INTERPRET=1 $(PYTEST) -m triton || status=1; \
+	PATH="$(abspath $(VENV))/bin:$$PATH" TRITON_INTERPRET=1 OMP_NUM_THREADS=1 \
+		$(PYTEST) -m triton -n $(TRITON_WORKERS) || status=1; \
 	exit $$status
 
 test-newest:
