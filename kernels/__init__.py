@@ -3,10 +3,14 @@
 ``triton_lola_attention`` is what ``fla_lola.lola_attention(..., backend="triton")`` calls. On CPU the
 kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), with the small compatibility layer of
 :mod:`fla_lola.kernels.interpret` installed on import; on a GPU that layer is never applied.
+
+This folder installs as ``fla_lola.kernels``. From a checkout's root (``python -c``, ``python -m``, ``python -m
+pytest`` put the current directory first on ``sys.path``) it is also found as a top-level ``kernels``, the name of the
+Hugging Face Hub's kernels package, which transformers >= 5.25 imports. Imported under that name, this file steps
+aside: it loads the ``kernels`` that ``sys.path`` holds without the checkout's root in its place; where there is none,
+the name stays an empty module (no version, nothing to import), which transformers reads as "not installed".
 """
 
-# From a checkout's root, this folder is also importable as a top-level ``kernels``, a name transformers probes for
-# the Hub's `kernels` package: only the installed name ``fla_lola.kernels`` loads the Triton code.
 if __name__ == 'fla_lola.kernels':
     from fla_lola.kernels import interpret
 
@@ -17,3 +21,21 @@ if __name__ == 'fla_lola.kernels':
     from fla_lola.kernels.lola import triton_lola_attention
 
     __all__ = ['triton_lola_attention', 'chunk_lola_fwd', 'decode_lola_fwd']
+else:
+    def _step_aside(name: str) -> None:
+        """Put in ``sys.modules[name]`` the module of that name found on ``sys.path`` without this checkout's root."""
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+
+        root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+        path = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != root]
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # the import statement returns what sys.modules holds once this file has run
+            spec.loader.exec_module(module)
+
+    _step_aside(__name__)
+    del _step_aside
