@@ -55,7 +55,8 @@ def test_torch_low_precision_error_is_pytorchs_own(p, dtype):
 def test_torch_grid_in_segments_matches_naive(p, data):
     """Without autograd the torch backend lays its packed grid out a segment of chunks at a time; with segments of
     one chunk (the most refills) outputs and final state still equal the reference, continuing a state at any
-    phase, and bit for bit what one segment gives."""
+    phase, and as closely as what one segment gives (segments change the shapes of the batched products, so the two
+    layouts need not round alike)."""
     from unittest import mock
 
     import fla_lola.ops.chunk as chunk
@@ -69,10 +70,9 @@ def test_torch_grid_in_segments_matches_naive(p, data):
             o1, state = run(p, 'torch', tensors=p.slice(cut, p.q.shape[1]), initial_state=state,
                             output_final_state=True)
         results.append((o1 if o0 is None else torch.cat([o0, o1], 1), state))
-    torch.testing.assert_close(results[0][0], o_ref, atol=1e-10, rtol=1e-9)
-    assert_states_equal(results[0][1], s_ref, atol=1e-10, rtol=1e-9)
-    assert torch.equal(results[0][0], results[1][0])
-    assert_states_equal(results[0][1], results[1][1], atol=0, rtol=0)
+    for o, state in results:
+        torch.testing.assert_close(o, o_ref, atol=1e-10, rtol=1e-9)
+        assert_states_equal(state, s_ref, atol=1e-10, rtol=1e-9)
 
 
 # ---- 2. streaming -------------------------------------------------------------------------------
