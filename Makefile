@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs into .venv and runs the main job (the pass-key demo on the shipped tiny models)
-#   make test   installs into .venv and runs every test (kernels under Triton's CPU interpreter)
+#   make test   installs into .venv, checks that the package imports (from here and from elsewhere), then runs every
+#               test (kernels under Triton's CPU interpreter)
 # Both install the exact versions CI tested (requirements/lock-cpu.txt, through pip's constraints). On a CPU machine
 # torch==2.13.0 goes in first (its CPU wheel); GPU users install their own torch build first (`make TORCH=torch ...`).
 #   make lock          re-resolves the newest releases pyproject.toml allows and rewrites the lock (then run make test)
@@ -17,6 +18,14 @@ PYTEST := HYPOTHESIS_PROFILE=ci python -m pytest -p no:cacheprovider
 COMPAT_TESTS ?= tests/test_models.py tests/test_convert.py tests/test_cli.py tests/test_packaging.py
 # packages the compatibility environments leave free of the lock (everything else stays as tested)
 FREE := transformers|flash-linear-attention|fla-core|tokenizers|huggingface-hub|huggingface_hub|safetensors
+
+# A few seconds that name a broken environment before any suite runs: the package imports from this checkout's root
+# (where `kernels/` is also found as a top-level `kernels`, the Hub package's name transformers imports) and from
+# outside it, and prints the versions that answered.
+define import_check
+	$(1)/bin/python -m fla_lola.cli env
+	cd / && $(abspath $(1))/bin/python -m fla_lola.cli env
+endef
 
 define install
 	python3 -m venv $(1)
@@ -42,7 +51,10 @@ demo: $(VENV)/.installed
 # a kernel as Python on one core, so the kernel tests run in one pytest-xdist worker per core, each with one torch
 # thread (more OpenMP threads than cores make torch's kernels spin against each other)
 TRITON_WORKERS ?= auto
-test: $(VENV)/.installed
+import-check: $(VENV)/.installed
+	$(call import_check,$(VENV))
+
+test: import-check
 	@status=0; \
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTEST) -m "not triton" || status=1; \
 	PATH="$(abspath $(VENV))/bin:$$PATH" TRITON_INTERPRET=1 OMP_NUM_THREADS=1 \
@@ -53,6 +65,7 @@ test-newest:
 	rm -rf .venv-newest
 	$(call install,.venv-newest,--upgrade --upgrade-strategy eager)
 	.venv-newest/bin/python -m pip list 2>/dev/null | grep -iE '^($(FREE)) '
+	$(call import_check,.venv-newest)
 	PATH="$(abspath .venv-newest)/bin:$$PATH" $(PYTEST) -m "not triton" $(COMPAT_TESTS)
 
 test-oldest:
@@ -60,6 +73,7 @@ test-oldest:
 	$(call install,.venv-oldest,"transformers==$(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)" \
 		"flash-linear-attention==$(shell sed -n 's/.*"flash-linear-attention>=\([0-9.]*\).*/\1/p' pyproject.toml)")
 	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^($(FREE)) '
+	$(call import_check,.venv-oldest)
 	PATH="$(abspath .venv-oldest)/bin:$$PATH" $(PYTEST) -m "not triton" $(COMPAT_TESTS)
 
 lock:
@@ -81,4 +95,4 @@ bench: $(VENV)/.installed
 bench-model: $(VENV)/.installed
 	$(PY) benchmarks/model.py --json benchmarks/model.json --png benchmarks/model.png
 
-.PHONY: install demo test test-newest test-oldest lock bench bench-model
+.PHONY: install import-check demo test test-newest test-oldest lock bench bench-model

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     d.add_argument("--seed", type=int, default=0)
 
+    sub.add_parser("env", help="import the package and print the versions it runs with (for bug reports)")
+
     k = sub.add_parser("passkey", help="pass-key retrieval (RULER single needle): JSON + PNG", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("model", help="a model directory with its tokenizer (LoLA or any causal LM)")
@@ -134,9 +136,33 @@ def _passkey(a) -> str:
     return f"wrote {a.out}.json, {a.out}.png ({acc})"
 
 
+ENV_PACKAGES = ("fla-lola", "torch", "transformers", "flash-linear-attention", "triton", "kernels", "accelerate")
+
+
+def _env(args) -> str:
+    """The whole package imported (models, registry, Triton kernels' module), then one line per version."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    import fla_lola
+    import fla_lola.kernels  # noqa: F401  (the Triton module imports even where no GPU runs it)
+
+    lines = [f"python {platform.python_version()} ({sys.executable})",
+             f"fla_lola from {os.path.dirname(fla_lola.__file__)}"]
+    for name in ENV_PACKAGES:
+        try:
+            lines.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    lines.append(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    run = {"convert": _convert, "distill": _distill, "passkey": _passkey}[args.command]
+    run = {"convert": _convert, "distill": _distill, "env": _env, "passkey": _passkey}[args.command]
     try:
         message = run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:

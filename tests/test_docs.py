@@ -49,3 +49,11 @@ def test_the_lock_pins_every_direct_dependency():
     for requirement in metadata.requires('fla-lola') or []:
         name = re.sub(r'[-_.]+', '-', re.match(r'[A-Za-z0-9_.-]+', requirement).group(0)).lower()
         assert name in pins, f"requirements/lock-cpu.txt does not pin {name}"
+
+
+def test_readme_names_the_locked_versions_as_last_tested():
+    """The README's "Last tested" line moves with the lock: a refreshed lock without it fails here."""
+    pins = locked()
+    line = next(l for l in (ROOT / 'README.md').read_text().split('\n\n') if l.startswith('Last tested'))
+    for name in ('torch', 'transformers', 'flash-linear-attention', 'triton'):
+        assert f"{name} {pins[name]}" in ' '.join(line.split()), (name, pins[name], line)
