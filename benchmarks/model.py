@@ -6,8 +6,8 @@
 
 The teacher is a randomly initialized transformers ``LlamaForCausalLM`` (hidden 512, 4 layers, 8 heads, MLP 1408,
 vocabulary 32000, float32, SDPA attention, ``DynamicCache``); the student is
-``fla_lola.convert.convert_to_lola(teacher, window_size=64, cache_size=64)``. For every prompt length and model,
-a fresh subprocess (so each configuration has its own peak RSS) builds the model, then measures:
+``fla_lola.pipeline.convert.convert_to_lola(teacher, window_size=64, cache_size=64)``. For every prompt length and
+model, a fresh subprocess (so each configuration has its own peak RSS) builds the model, then measures:
 
 - time to first token (TTFT): one forward over the prompt with ``use_cache=True, logits_to_keep=1`` and the argmax;
 - decode ms/token: the median of ``--decode-steps`` single-token steps through the cache, feeding the argmax;
@@ -17,8 +17,8 @@ a fresh subprocess (so each configuration has its own peak RSS) builds the model
 
 The teacher also runs with a no-op attention (each head's output is its query): its TTFT is what both models
 share (embeddings, norms, projections, RoPE, MLP, head), so the script prints what the TTFT target leaves for
-LoLA's attention. LoLA also runs with chunked prefill (:func:`fla_lola.prefill.chunked_prefill`, ``--chunk-size``
-tokens per call) at lengths above the chunk size. Issue 11's targets are printed as met or MISSED with their
+LoLA's attention. LoLA also runs with chunked prefill (:func:`fla_lola.pipeline.prefill.chunked_prefill`,
+``--chunk-size`` tokens per call) at lengths above the chunk size. Issue 11's targets are printed as met or MISSED with their
 figures; the memory target compares the prefills' own RSS (weights and runtime, the same for both models, are left
 out).
 """
@@ -99,7 +99,7 @@ def build(kind: str, dims: dict, max_len: int, window: int, cache: int):
     teacher = LlamaForCausalLM(config).eval()
     if kind in ('teacher', 'no_attention'):
         return teacher
-    from fla_lola.convert import convert_to_lola
+    from fla_lola.pipeline.convert import convert_to_lola
     student = convert_to_lola(teacher, window_size=window, cache_size=cache)
     del teacher
     return student.eval()
@@ -121,7 +121,7 @@ def measure(kind: str, T: int, chunk_size: int, decode_steps: int, threads: int,
 def _measure(kind: str, T: int, chunk_size: int, decode_steps: int, threads: int, smoke: bool) -> dict:
     import torch
     from fla_lola.cache_names import OUTPUT_CACHE_FIELD
-    from fla_lola.prefill import chunked_prefill
+    from fla_lola.pipeline.prefill import chunked_prefill
 
     dims = SMOKE if smoke else FULL
     window, cache_size = (8, 8) if smoke else (WINDOW, CACHE)

@@ -3,7 +3,7 @@
     python examples/loo_duplicates.py                       # 100 trials per cell, 256 / 1K / 4K tokens, ~30 s
     python examples/loo_duplicates.py --trials 20 --json out/loo_duplicates.json
 
-The pass-key models of ``examples/passkey.py`` cannot tell SRE and LOO apart (README). This isolates the case LOO is
+The pass-key models of ``examples/passkey.py`` cannot tell SRE and LOO apart (docs/results.md). This isolates the case LOO is
 built for, with no model in the way: ``lola_attention`` alone (float64, η = λ = 16, one head of D = F = 16) reads a
 sequence of P = 8 key-value patterns repeated in turn, one of whose tokens is replaced by a unique needle (uniform
 depth, at least 3η before the end). The last token queries the needle's key. Per selection score, it reports how

@@ -10,10 +10,10 @@
     python examples/passkey.py --smoke --json o.json   # tiny end-to-end run (CI)
 
 The teacher is a 3-layer softmax Llama trained on synthetic RULER-style pass-key documents of three tasks
-(``fla_lola.passkey``: ``single`` needle in a repetitive filler, ``text`` needle in held-out English prose,
+(``fla_lola.pipeline.passkey``: ``single`` needle in a repetitive filler, ``text`` needle in held-out English prose,
 ``multikey`` three named needles, one asked); the student is the same model with every attention layer converted to LoLA
-(``fla_lola.convert``) and its feature maps and mixing logits fitted by attention transfer with an empty
-cache (``fla_lola.distill``). One student then runs every variant, since η, λ and the selection score
+(``fla_lola.pipeline.convert``) and its feature maps and mixing logits fitted by attention transfer with an empty
+cache (``fla_lola.pipeline.distill``). One student then runs every variant, since η, λ and the selection score
 change no weight:
 
 - ``lambda0``: λ = 0, η = 64, LoLCATs' window + linear attention;
@@ -27,9 +27,9 @@ change no weight:
 Accuracy is exact match of the 5 key digits (teacher-forced argmax, equal to greedy decoding) on
 documents of 512, 1K, 2K, 4K and 8K tokens, needle depths evenly spread, from a seed no training step uses
 (``text`` documents from prose passages no training step saw). The JSON keeps every document's verdict
-(``hits``: one character per document, "1" right or how it went wrong, ``fla_lola.passkey.VERDICTS``: "k" another
-key of the prompt, "s" digits copied from another key at their place, "0" other wrong digits), so a slice can be
-re-checked exactly (tests/test_passkey.py does). The table counts the misses of each kind.
+(``hits``: one character per document, "1" right or how it went wrong,
+``fla_lola.pipeline.passkey.VERDICTS``: "k" another key of the prompt, "s" digits copied from another key at their
+place, "0" other wrong digits), so a slice can be re-checked exactly (tests/test_passkey.py does). The table counts the misses of each kind.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-from fla_lola import passkey as pk
-from fla_lola.convert import set_lola
+from fla_lola.pipeline import passkey as pk
+from fla_lola.pipeline.convert import set_lola
 
 ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]
 
@@ -114,7 +114,7 @@ def train(out: str, smoke: bool, log) -> None:
 
 def cell_hits(model, task: str, length: int, docs: int, batch_size: int, first: int | None = None,
               on_batch=None) -> str:
-    """The verdicts on the evaluation documents of one (task, length), one :data:`fla_lola.passkey.VERDICTS`
+    """The verdicts on the evaluation documents of one (task, length), one :data:`fla_lola.pipeline.passkey.VERDICTS`
     character per document: "1" right, "k" / "s" / "0" the ways a miss goes wrong.
 
     ``first`` evaluates only the first documents of the ``docs``-document set (the set itself, with its evenly

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from fla_lola import passkey as pk
+from fla_lola.pipeline import passkey as pk
 from fla_lola.cache_names import OUTPUT_CACHE_FIELD
-from fla_lola.convert import set_lola
+from fla_lola.pipeline.convert import set_lola
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ETA, LAM = pk.STUDENT["window_size"], pk.STUDENT["cache_size"]  # the demo student's η, λ
@@ -44,7 +44,7 @@ def needle_positions(prompt: list[int], key: str) -> list[int]:
 def analyse(student, task: str, length: int, docs: int) -> dict:
     """``held[score][layer]``: mean fraction of the needle's digits stored exactly; ``value_rank[layer]``: the
     needle digits' mean value-norm percentile among the prompt's tokens (over heads and documents)."""
-    from fla_lola.distill import lola_layers
+    from fla_lola.pipeline.distill import lola_layers
 
     batch = pk.eval_documents(length, docs, task=task)
     what = pk.TOKENIZER.index["What"]

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-SELECTIONS = ("sre", "loo", "recency", "value_norm", "random")  # as fla_lola.layers.lola.SELECTIONS (tested)
+from fla_lola.ops.utils import SELECTIONS
 
 EXAMPLES = """\
 examples:
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(a) -> str:
-    from fla_lola.checkpoint import convert_checkpoint
+    from fla_lola.pipeline.checkpoint import convert_checkpoint
 
     out = convert_checkpoint(a.src, a.out, window_size=a.window_size, cache_size=a.cache_size,
                              feature_dim=a.feature_dim, dtype=a.dtype, lolcats_attn=a.lolcats_attn,
@@ -99,7 +99,7 @@ def _convert(a) -> str:
 
 
 def _distill(a) -> str:
-    from fla_lola.checkpoint import distill_checkpoint
+    from fla_lola.pipeline.checkpoint import distill_checkpoint
 
     distill_checkpoint(a.src, a.out, a.data, window_size=a.window_size, cache_size=a.cache_size,
                        feature_dim=a.feature_dim, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
@@ -112,7 +112,7 @@ def _passkey(a) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import fla_lola  # noqa: F401  (registers model_type "lola")
-    from fla_lola.ruler import write_results
+    from fla_lola.pipeline.ruler import write_results
 
     if not os.path.isdir(a.model):
         raise ValueError(f"MODEL {a.model!r} is not a directory")
@@ -125,10 +125,10 @@ def _passkey(a) -> str:
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model).to(device).eval()
     if a.selection is not None:
-        from fla_lola.convert import set_lola
+        from fla_lola.pipeline.convert import set_lola
 
         set_lola(model, selection=a.selection)
-    from fla_lola.ruler import run_passkey
+    from fla_lola.pipeline.ruler import run_passkey
 
     trials = run_passkey(model, tokenizer, a.lengths, depths=a.depths, seed=a.seed)
     summary = write_results(trials, a.out + ".json", a.out + ".png", title=os.path.basename(a.model.rstrip("/")))

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from fla_lola.checkpoint import distill_checkpoint
-from fla_lola.lolcats import lolcats_state_dict
+from fla_lola.pipeline.checkpoint import distill_checkpoint
+from fla_lola.pipeline.lolcats import lolcats_state_dict
 
 
 def run(src, out, data, dump):

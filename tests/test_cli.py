@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fla_lola  # noqa: F401  (registers model_type "lola")
 from fla_lola.cli import main
-from fla_lola.convert import convert_to_lola
-from fla_lola.distill import lola_layers
-from fla_lola.lolcats import load_lolcats_checkpoint, lolcats_state_dict
+from fla_lola.pipeline.convert import convert_to_lola
+from fla_lola.pipeline.distill import lola_layers
+from fla_lola.pipeline.lolcats import load_lolcats_checkpoint, lolcats_state_dict
 
 CORPUS = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
           "One of the special magic numbers for harbor is: 1234567. What is the special magic number? "
@@ -96,10 +96,6 @@ def test_convert_writes_a_loadable_directory_equal_to_the_in_memory_conversion(h
 
 
 def test_cli_selection_choices_are_the_layers(hub_model, tmp_path):
-    from fla_lola.cli import SELECTIONS
-    from fla_lola.layers.lola import SELECTIONS as LAYER_SELECTIONS
-
-    assert set(SELECTIONS) == set(LAYER_SELECTIONS)   # the CLI keeps its list light to import; it must not drift
     out = tmp_path / "loo"
     assert run_cli("convert", hub_model, out, "--window-size", 8, "--cache-size", 8, "--feature-dim", 16,
                    "--selection", "loo") == 0
@@ -207,7 +203,7 @@ def test_bad_input_exits_with_one_line_and_leaves_no_output(hub_model, tmp_path,
 
 
 def test_distill_resumes_to_what_an_uninterrupted_run_gives(hub_model, tmp_path, monkeypatch):
-    import fla_lola.distill as distill
+    import fla_lola.pipeline.distill as distill
 
     (tmp_path / "a.txt").write_text(CORPUS)
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": CORPUS[::-1]}) + "\n")

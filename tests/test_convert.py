@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from fla_lola.convert import convert_to_lola, lola_config_from, set_lola
-from fla_lola.distill import lola_layers
+from fla_lola.pipeline.convert import convert_to_lola, lola_config_from, set_lola
+from fla_lola.pipeline.distill import lola_layers
 from fla_lola.layers.rope import ScaledRotaryEmbedding, rope_init
 
 ORIGINAL = 32  # the teachers' pre-training length: sequences of T > ORIGINAL are where the scaling bites

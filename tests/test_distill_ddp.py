@@ -41,8 +41,8 @@ def test_two_processes_match_one_with_the_same_global_batch(hub_model, tmp_path)
     # training moved the tensors by more than 1e-2
     from transformers import AutoModelForCausalLM
 
-    from fla_lola.convert import convert_to_lola
-    from fla_lola.lolcats import lolcats_state_dict
+    from fla_lola.pipeline.convert import convert_to_lola
+    from fla_lola.pipeline.lolcats import lolcats_state_dict
 
     init = lolcats_state_dict(convert_to_lola(AutoModelForCausalLM.from_pretrained(hub_model), window_size=8,
                                               cache_size=8, feature_dim=16))

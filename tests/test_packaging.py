@@ -164,3 +164,19 @@ def test_the_default_path_needs_no_triton_interpreter():
     )
     r = run_outside_repo(code)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_core_never_imports_the_pipeline():
+    """`import fla_lola` (ops, layers, models, registry) loads nothing of `fla_lola.pipeline`."""
+    r = run_outside_repo("import sys, fla_lola, fla_lola.kernels\n"
+                         "print(sorted(m for m in sys.modules if m.startswith('fla_lola.pipeline')))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == '[]', r.stdout
+
+
+@pytest.mark.parametrize('name', ['convert', 'distill', 'lolcats', 'passkey', 'prefill'])
+def test_old_module_paths_are_the_pipeline_modules(name):
+    import importlib
+
+    old, new = importlib.import_module(f'fla_lola.{name}'), importlib.import_module(f'fla_lola.pipeline.{name}')
+    assert old is new

@@ -1,4 +1,4 @@
-"""Chunked prefill through a model (fla_lola.prefill) and the layer's in-place state updates."""
+"""Chunked prefill through a model (fla_lola.pipeline.prefill) and the layer's in-place state updates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lola_problems import assert_states_equal, padding_mask
 from test_models import tiny_model
 
 from fla_lola.cache_names import OUTPUT_CACHE_FIELD
-from fla_lola.prefill import chunked_prefill
+from fla_lola.pipeline.prefill import chunked_prefill
 
 
 def layer_states(cache):

@@ -15,13 +15,10 @@ from fla_lola.cache_names import refuse_stray_cache
 from fla_lola.layers.feature_map import CPU_BLOCK_ELEMENTS, LoLCATsFeatureMap
 from fla_lola.layers.rope import ScaledRotaryEmbedding, check_rope_parameters, rope_init, rope_type_of
 from fla_lola.ops import LoLAState, lola_attention
+from fla_lola.ops.utils import BACKENDS, MIXES, SELECTIONS
 
 if TYPE_CHECKING:
     from fla.models.cache_utils import Cache
-
-MIXES = ('lola', 'lolcats')
-SELECTIONS = ('sre', 'loo', 'recency', 'value_norm', 'random')
-BACKENDS = ('auto', 'naive', 'torch', 'triton')
 
 # LoLCATs initializes its window factors (our mixing logits) to -2.1972, i.e. γ = sigmoid(-2.1972) ≈ 0.1.
 DEFAULT_WINDOW_FACTOR_INIT = -2.1972

@@ -91,7 +91,7 @@ def lola_attention(
         raise ValueError("`inplace_state`: updating the state in place needs `output_final_state=True`")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
     if backend == 'auto':
-        # 'triton' runs only when asked for: on its first GPU (README, "GPU") the kernels took minutes to compile at
+        # 'triton' runs only when asked for: on its first GPU (docs/gpu.md) the kernels took minutes to compile at
         # realistic widths and a float64 one exceeded shared memory; until they pass on a GPU, 'auto' is 'torch'.
         backend = 'torch'
     if inplace_state and needs_grad:

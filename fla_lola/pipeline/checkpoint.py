@@ -4,8 +4,8 @@
 ``model.safetensors.index.json``, tokenizer files) and writes ``OUT``: a :class:`~fla_lola.LoLAConfig`, sharded
 safetensors with an index, and the tokenizer and generation files copied, which
 ``AutoModelForCausalLM.from_pretrained(OUT)`` loads after ``import fla_lola``. The result is the model
-:func:`fla_lola.convert.convert_to_lola` builds in memory (same names, same seeded feature maps), optionally with
-a LoLCATs stage-1 checkpoint loaded and a stage-2 LoRA merged.
+:func:`fla_lola.pipeline.convert.convert_to_lola` builds in memory (same names, same seeded feature maps), optionally
+with a LoLCATs stage-1 checkpoint loaded and a stage-2 LoRA merged.
 
 No model is ever built: each output tensor is read from the source file on its own (the file is opened per
 tensor, so no mapping of the whole source stays resident), cast to the target dtype, and written out when a
@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fla_lola.convert import LOLCATS_WINDOW_FACTOR_INIT, _weight_map, lola_config_from, lolcats_feature_map_init
+from fla_lola.pipeline.convert import LOLCATS_WINDOW_FACTOR_INIT, weight_map, lola_config_from, lolcats_feature_map_init
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -72,7 +72,7 @@ class SourceCheckpoint:
 
 
 def _read_optional(path) -> dict:
-    from fla_lola.lolcats import read_lolcats_checkpoint
+    from fla_lola.pipeline.lolcats import read_lolcats_checkpoint
 
     if path is None:
         return {}
@@ -87,11 +87,11 @@ def plan_conversion(src: SourceCheckpoint, lola_config, lolcats_attn=None, lolca
 
     Returns ``(weight_map, attention_transfer_by_layer, lora_by_projection)``.
     """
-    from fla_lola.lolcats import check_lora_shapes, parse_lolcats_state_dict, parse_lora_state_dict, \
+    from fla_lola.pipeline.lolcats import check_lora_shapes, parse_lolcats_state_dict, parse_lora_state_dict, \
         split_finetune_checkpoint
 
     c = lola_config
-    names = _weight_map(c)
+    names = weight_map(c)
     for dst, name in names.items():
         if name not in src:
             raise ValueError(f"SRC has no tensor {name!r} (needed for {dst!r})")
@@ -123,7 +123,7 @@ def plan_conversion(src: SourceCheckpoint, lola_config, lolcats_attn=None, lolca
 def _tensors(src: SourceCheckpoint, config, names: dict, attn: dict, lora: dict, lora_alpha: float,
              dtype: torch.dtype, seed: int | None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the LoLA model in state-dict order, one layer at a time."""
-    from fla_lola.lolcats import lora_delta
+    from fla_lola.pipeline.lolcats import lora_delta
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     yield "model.embeddings.weight", src.get(names["model.embeddings.weight"]).to(dtype)
@@ -237,7 +237,7 @@ def convert_checkpoint(
     """Convert the transformers checkpoint directory ``src`` into the LoLA model directory ``out``.
 
     Args:
-        window_size, cache_size, feature_dim, **lola: the LoLA settings (see :func:`fla_lola.convert.lola_config_from`).
+        window_size, cache_size, feature_dim, **lola: the LoLA settings (see :func:`fla_lola.pipeline.convert.lola_config_from`).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (default: the source config's dtype, else float32).
         lolcats_attn: a LoLCATs stage-1 checkpoint (feature maps, window factors): loaded, and ``mix`` set to
             ``"lolcats"`` as it was trained.
@@ -299,8 +299,8 @@ def distill_checkpoint(
 ):
     """Attention transfer (LoLCATs stage 1) of the teacher checkpoint ``src``; the student is saved to ``out``.
 
-    The student is ``src`` converted (:func:`fla_lola.convert.convert_to_lola`); its feature maps and mixing
-    logits are fitted to the teacher's attention outputs on ``data`` (text files, see :mod:`fla_lola.data`) for
+    The student is ``src`` converted (:func:`fla_lola.pipeline.convert.convert_to_lola`); its feature maps and mixing
+    logits are fitted to the teacher's attention outputs on ``data`` (text files, see :mod:`fla_lola.pipeline.data`) for
     ``steps`` AdamW steps of ``batch_size`` sequences (the global batch: under ``accelerate launch`` each of the
     ``W`` processes takes ``batch_size / W`` of them). Every ``save_every`` steps the trainable tensors and the
     optimizer state go to ``checkpoint_dir`` (default ``OUT.ckpt``); ``resume=True`` continues from there and
@@ -309,10 +309,10 @@ def distill_checkpoint(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fla_lola.convert import convert_to_lola
-    from fla_lola.data import TokenChunks, read_documents
-    from fla_lola.distill import attention_transfer
-    from fla_lola.lolcats import load_lolcats_checkpoint, lolcats_state_dict
+    from fla_lola.pipeline.convert import convert_to_lola
+    from fla_lola.pipeline.data import TokenChunks, read_documents
+    from fla_lola.pipeline.distill import attention_transfer
+    from fla_lola.pipeline.lolcats import load_lolcats_checkpoint, lolcats_state_dict
 
     SourceCheckpoint(src)  # clear errors for a missing / malformed SRC
     out = Path(out)
