@@ -57,3 +57,10 @@ def test_readme_names_the_locked_versions_as_last_tested():
     line = next(l for l in (ROOT / 'README.md').read_text().split('\n\n') if l.startswith('Last tested'))
     for name in ('torch', 'transformers', 'flash-linear-attention', 'triton'):
         assert f"{name} {pins[name]}" in ' '.join(line.split()), (name, pins[name], line)
+
+
+def test_readme_stays_short():
+    """The README is for users: what LoLA is, install, the two commands, one table, quick starts, links. The lab
+    notebook (every table, method and measurement) lives in docs/; the README stays within 12,000 bytes (`wc -c`)."""
+    size = len((ROOT / 'README.md').read_bytes())
+    assert size <= 12_000, f"README.md is {size} bytes: move detail into docs/"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fla_lola import lola_attention
-from fla_lola import passkey as pk
-from fla_lola.convert import convert_to_lola, set_lola
-from fla_lola.distill import attention_transfer, lola_layers, layer_mse
-from fla_lola.lolcats import load_lolcats_checkpoint, lolcats_state_dict
+from fla_lola.pipeline import passkey as pk
+from fla_lola.pipeline.convert import convert_to_lola, set_lola
+from fla_lola.pipeline.distill import attention_transfer, lola_layers, layer_mse
+from fla_lola.pipeline.lolcats import load_lolcats_checkpoint, lolcats_state_dict
 from fla_lola.ops.utils import random_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -437,9 +437,18 @@ def test_shipped_weights_reproduce_the_shipped_results():
                 assert got == shipped[:10], (task, variant, L)
 
 
-def readme_rows(task_cells: int) -> dict:
-    """The README's pass-key table rows with ``task_cells`` value cells, by task: [(label, [cells])] in order."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+RESULTS_DOC = os.path.join("docs", "results.md")  # where each pass-key table stands whole; the README shows a part
+
+
+def table_docs() -> list:
+    """The documents a pass-key table may stand in: README.md and every docs/*.md, relative to the repository."""
+    docs = sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md"))
+    return ["README.md", *docs]
+
+
+def doc_rows(doc: str, task_cells: int) -> dict:
+    """``doc``'s pass-key table rows with ``task_cells`` value cells, by task: [(label, [cells])] in order."""
+    with open(os.path.join(ROOT, doc)) as f:
         text = f.read()
     rows = {}
     for line in text.splitlines():
@@ -450,22 +459,35 @@ def readme_rows(task_cells: int) -> dict:
 
 
 def test_readme_tables_are_the_shipped_results():
-    """Every number of the README's pass-key tables is the shipped JSON's, rounded to a point: the accuracy table
-    (task × variant × length, with the pairs each variant keeps), the cache-size table (λ = 8, 16, 32 from
-    ``examples/results/cache_size/``, λ = 64 from the main results; 1K / 2K) and the table of SRE and LOO at λ = 64,
-    256 and 896, the last a quarter of the teacher's pairs at 4K (512 / 1K / 2K / 4K)."""
+    """Every number of the pass-key tables, in the README and in docs/, is the shipped JSON's, rounded to a point.
+    ``docs/results.md`` holds each table whole: the accuracy table (task × variant × length, with the pairs each
+    variant keeps), the cache-size table (λ = 8, 16, 32 from ``examples/results/cache_size/``, λ = 64 from the main
+    results; 1K / 2K) and the table of SRE and LOO at λ = 64, 256 and 896, the last a quarter of the teacher's pairs
+    at 4K (512 / 1K / 2K / 4K). The README shows rows of the accuracy table, labelled as there; any page's rows of any
+    of the three tables are checked the same way."""
     ex = load_example("passkey")
     results = os.path.join(ROOT, "examples", "results")
     with open(os.path.join(results, "passkey.json")) as f:
         main = json.load(f)
-    rows = readme_rows(task_cells=len(main["tasks"]["single"]["lengths"]))
+
+    # the accuracy table: whole in docs/results.md, one row per variant in VARIANTS order, which names each label
+    lengths = len(main["tasks"]["single"]["lengths"])
+    rows = doc_rows(RESULTS_DOC, task_cells=lengths)
     assert list(rows) == list(main["tasks"])
-    for task, res in main["tasks"].items():
+    variant_of = {}
+    for task in main["tasks"]:
         assert [label.rsplit(" (", 1)[1] for label, _ in rows[task]] == [
             f"{main['stored_pairs'][v]})" for v in ex.VARIANTS]
-        for (label, cells), variant in zip(rows[task], ex.VARIANTS):
-            want = [f"{round(100 * res['accuracy'][variant][str(L)])} %" for L in res["lengths"]]
-            assert cells == want, (task, label)
+        variant_of.update({(task, label): v for (label, _), v in zip(rows[task], ex.VARIANTS)})
+    assert len(variant_of) == len(main["tasks"]) * len(ex.VARIANTS)
+    assert doc_rows("README.md", task_cells=lengths), "the README shows (part of) the accuracy table"
+    for doc in table_docs():
+        for task, task_rows in doc_rows(doc, task_cells=lengths).items():
+            res = main["tasks"][task]
+            for label, cells in task_rows:
+                assert (task, label) in variant_of, (doc, task, label)  # a row of the whole table, labelled as there
+                want = [f"{round(100 * res['accuracy'][variant_of[task, label]][str(L)])} %" for L in res["lengths"]]
+                assert cells == want, (doc, task, label)
 
     scores = {"SRE": "lola", "leave-one-out": "lola_loo", "value norm": "lola_value_norm", "recency": "lola_recency"}
     by_lambda = {}
@@ -473,12 +495,15 @@ def test_readme_tables_are_the_shipped_results():
         with open(os.path.join(results, "cache_size", f"passkey_lambda{lam}.json")) as f:
             by_lambda[lam] = json.load(f)
     by_lambda[64] = main
-    rows = readme_rows(task_cells=len(by_lambda))
-    assert sum(len(r) for r in rows.values()) == len(pk.TASKS) * len(scores)
-    for task, task_rows in rows.items():
-        for score, cells in task_rows:
-            acc = [by_lambda[lam]["tasks"][task]["accuracy"][scores[score]] for lam in by_lambda]
-            assert cells == [f"{round(100 * a['1024'])} / {round(100 * a['2048'])}" for a in acc], (task, score)
+    rows = doc_rows(RESULTS_DOC, task_cells=len(by_lambda))
+    assert list(rows) == list(pk.TASKS)
+    assert all([score for score, _ in task_rows] == list(scores) for task_rows in rows.values())
+    for doc in table_docs():
+        for task, task_rows in doc_rows(doc, task_cells=len(by_lambda)).items():
+            for score, cells in task_rows:
+                acc = [by_lambda[lam]["tasks"][task]["accuracy"][scores[score]] for lam in by_lambda]
+                want = [f"{round(100 * a['1024'])} / {round(100 * a['2048'])}" for a in acc]
+                assert cells == want, (doc, task, score)
 
     columns = [main]
     for lam in (256, 896):
@@ -487,19 +512,20 @@ def test_readme_tables_are_the_shipped_results():
         assert columns[-1]["cache_size"] == lam
         assert columns[-1]["stored_pairs"]["lola"] == lam + 2 * columns[-1]["window_size"]
     assert columns[-1]["stored_pairs"]["lola"] == 4096 // 4
-    rows = readme_rows(task_cells=len(columns))
+    rows = doc_rows(RESULTS_DOC, task_cells=len(columns))
     assert list(rows) == list(pk.TASKS)
-    for task, task_rows in rows.items():
-        assert [score for score, _ in task_rows] == ["SRE", "leave-one-out"]
-        for score, cells in task_rows:
-            assert cells == [" / ".join(str(round(100 * r["tasks"][task]["accuracy"][scores[score]][str(L)]))
-                                        for L in (512, 1024, 2048, 4096)) for r in columns], (task, score)
+    assert all([score for score, _ in task_rows] == ["SRE", "leave-one-out"] for task_rows in rows.values())
+    for doc in table_docs():
+        for task, task_rows in doc_rows(doc, task_cells=len(columns)).items():
+            for score, cells in task_rows:
+                assert cells == [" / ".join(str(round(100 * r["tasks"][task]["accuracy"][scores[score]][str(L)]))
+                                            for L in (512, 1024, 2048, 4096)) for r in columns], (doc, task, score)
 
 
 def test_passkey_variants_at_another_cache_size_keep_equal_memory():
     """``--cache-size`` moves λ of every LoLA variant and widens the window-only variant to the same number of exact
     pairs; ``model_for`` sets it on every layer of the student."""
-    from fla_lola.distill import lola_layers
+    from fla_lola.pipeline.distill import lola_layers
 
     ex = load_example("passkey")
     for lam in (8, 16, 64):
