@@ -170,7 +170,8 @@ def run(args):
                        validate=validate)
 
     for T in tqdm(args.lengths, desc='lengths'):
-        q, k, v, fq, fk, gate = inputs(T + (args.decode_repeats + 1) * DECODE_BLOCK + 2, H, D, Fd, dtype)
+        decode_tokens = 2 * (args.decode_repeats + 1) * DECODE_BLOCK + 2  # validated and unvalidated steps
+        q, k, v, fq, fk, gate = inputs(T + decode_tokens, H, D, Fd, dtype)
         pre = [x[:, :T] for x in (q, k, v, fq, fk)] + [gate]
 
         def lola(cache_size, selection='sre'):
@@ -185,10 +186,12 @@ def run(args):
 
         # decode: the state updated in place, step after step (what the layer does under fla's Cache)
         _, state = lola(lam)
-        step = iter(range(T, T + (args.decode_repeats + 1) * DECODE_BLOCK + 2))
+        step = iter(range(T, T + decode_tokens))
 
         q1 = q[:, T:T + 1].transpose(1, 2)
         td = interleaved_medians({'lola': lambda: decode_step((q, k, v, fq, fk, gate), next(step), state),
+                                  'validated': lambda: decode_step((q, k, v, fq, fk, gate), next(step), state,
+                                                                   validate=True),
                                   'sdpa': lambda: F.scaled_dot_product_attention(q1, kt, vt)}, args.decode_repeats,
                                  block=DECODE_BLOCK)
         states[T] = state
@@ -202,7 +205,8 @@ def run(args):
             T=T, lola_tok_s=T / t['lola'], lola0_tok_s=T / t['lola0'],
             sdpa_tok_s=T / t['sdpa'] if 'sdpa' in t else None,
             prefill_speedup=t['sdpa'] / t['lola'] if 'sdpa' in t else None, cache_cost=t['lola'] / t['lola0'],
-            lola_decode_ms=td['lola'] * 1e3, sdpa_decode_ms=td['sdpa'] * 1e3, decode_speedup=td['sdpa'] / td['lola'],
+            lola_decode_ms=td['lola'] * 1e3, validated_decode_cost=td['validated'] / td['lola'],
+            sdpa_decode_ms=td['sdpa'] * 1e3, decode_speedup=td['sdpa'] / td['lola'],
             loo_tok_s=T / t['loo'], loo_cost=t['loo'] / t['lola'],
             decode_ops=ops_step.total, decode_compute_ops=ops_step.compute,
             prefill_ops_per_chunk=None if ops_prefill is None else ops_prefill.total / (T / eta),
@@ -277,6 +281,9 @@ def run(args):
         worst = max(r['peak_prefill_bytes'] / r['input_bytes'] for r in mem_rows)
         checks.append(('peak prefill memory ≤ 2× the input tensors at every traced length (worst)', worst,
                        '× inputs', worst <= 2))
+    worst = max(r['validated_decode_cost'] for r in rows)
+    checks.append(('decode step with the default validate=True ≤ 1.5× validate=False (worst length)', worst, '×',
+                   worst <= 1.5))
     loo = max(r['loo_cost'] for r in rows)
     checks.append((f'leave-one-out selection prefill ≤ 1.1× SRE (worst length; its multiply-adds alone are '
                    f'{loo_work_ratio(D, D, Fd, eta, lam):.2f}× SRE\'s here)', loo, '×', loo <= 1.1))

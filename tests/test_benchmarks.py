@@ -30,7 +30,7 @@ def test_benchmark_smoke_run_writes_json_png_and_every_target(name, tmp_path):
     assert saved['config']['smoke'] and saved['targets'] == json.loads(json.dumps(result['targets']))
     assert all(isinstance(t['met'], bool) and t['value'] == t['value'] for t in saved['targets'])
     if name == 'cpu':
-        assert len(saved['targets']) == 9   # issue 11's (speed, flatness, λ cost, decode, memory: 8) + LOO vs SRE
+        assert len(saved['targets']) == 10  # issue 11's 8 (speed, flatness, λ cost, decode, memory), LOO, validation
         assert all(r['state_bytes'] == saved['rows'][0]['state_bytes'] for r in saved['rows'])  # fixed state
     else:
         assert len(saved['targets']) == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 from lola_problems import assert_states_equal, make_problem
@@ -122,3 +124,44 @@ def test_a_state_off_the_canonical_layout_is_refused_naming_the_field(backend, f
     with pytest.raises(ValueError, match=rf'initial_state.*field {field}\b'):
         lola_attention(*P.tensors, **P.options, initial_state=state, backend=backend)
     assert_states_equal(state, before, atol=0, rtol=0)
+
+
+def test_validation_rereads_only_a_state_that_changed(monkeypatch):
+    """A state a backend returned skips the layout check of the next validated call (that check reads the whole cache,
+    several times a decode step's work). Any write to a field, in place or through a view, or a replaced field brings
+    the full check back, and so do a state assembled by hand, one made in inference mode, and the result of an
+    unvalidated call on a state nobody vouched for."""
+    import fla_lola.ops.utils as utils
+
+    calls = []
+    check = utils.check_canonical_cache
+    monkeypatch.setattr(utils, 'check_canonical_cache', lambda state: (calls.append(state), check(state)))
+    step = [t[:, :1] for t in P.tensors[:5]] + [P.gate]
+
+    def layout_checks(state: LoLAState) -> int:
+        calls.clear()
+        lola_attention(*step, **P.options, initial_state=state)
+        return len(calls)
+
+    _, state = lola_attention(*P.tensors, **P.options, output_final_state=True)
+    _, after = lola_attention(*step, **P.options, initial_state=state, output_final_state=True)
+    _, after_inplace = lola_attention(*step, **P.options, initial_state=state.clone(), output_final_state=True,
+                                      inplace_state=True)
+    for known in (state, after, after_inplace, state.clone(), state.index_select(torch.tensor([1, 0])),
+                  LoLAState.empty(2, 2, 1, 4, 3, 3, 2, 2)):
+        assert layout_checks(known) == 0
+    for f in fields(state):
+        touched = state.clone()
+        getattr(touched, f.name)[0].add_(0)  # a write through a view, even one that changes no value
+        assert layout_checks(touched) == 1, f.name
+    replaced = state.clone()
+    replaced.h = replaced.h.clone()
+    assert layout_checks(replaced) == 1
+    assert layout_checks(LoLAState(**{f.name: getattr(state, f.name) for f in fields(state)})) == 1
+    with torch.inference_mode():
+        _, inference = lola_attention(*P.tensors, **P.options, output_final_state=True)
+    assert layout_checks(inference) == 1
+    unknown = state.clone()
+    unknown.seen.add_(0)
+    _, unvouched = lola_attention(*step, **P.options, initial_state=unknown, output_final_state=True, validate=False)
+    assert layout_checks(unvouched) == 1

@@ -90,27 +90,37 @@ def lola_attention(
     if inplace_state and not output_final_state:
         raise ValueError("`inplace_state`: updating the state in place needs `output_final_state=True`")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))
+    if inplace_state and needs_grad:
+        raise ValueError("`inplace_state`: the state cannot be updated in place while inputs require grad")
+    backend = resolve_backend(backend, q, selection, needs_grad)
+    # every check has passed: from here on the state may be written
+    canonical_input = initial_state is None or validate or initial_state.known_canonical
+    kwargs = dict(window_size=window_size, cache_size=cache_size, scale=scale, mix=mix, selection=selection,
+                  attention_mask=attention_mask, initial_state=initial_state, output_final_state=output_final_state)
+    if backend == 'naive':
+        o, final = naive_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, validate=False, **kwargs)
+    elif backend == 'triton':
+        from fla_lola.kernels import triton_lola_attention
+        o, final = triton_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
+    elif q.shape[1] == 1 and cu_seqlens is None:
+        o, final = decode_lola_attention(q, k, v, fq, fk, gate, inplace=inplace_state, **kwargs)
+    else:
+        o, final = chunk_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
+    if inplace_state and initial_state is not None and final is not initial_state:
+        for f in fields(final):  # the paths that build a new state: copy it into the caller's
+            getattr(initial_state, f.name).copy_(getattr(final, f.name))
+        final = initial_state
+    if final is not None and canonical_input:
+        final.mark_canonical()  # the next validated call need not re-read its cache (LoLAState.known_canonical)
+    return o, final
+
+
+def resolve_backend(backend: str, q: torch.Tensor, selection: str, needs_grad: bool) -> str:
+    """The backend that runs: ``auto`` resolved, and ``triton`` refused where it cannot run (``ValueError``)."""
     if backend == 'auto':
         # 'triton' runs only when asked for: on its first GPU (docs/gpu.md) the kernels took minutes to compile at
         # realistic widths and a float64 one exceeded shared memory; until they pass on a GPU, 'auto' is 'torch'.
-        backend = 'torch'
-    if inplace_state and needs_grad:
-        raise ValueError("`inplace_state`: the state cannot be updated in place while inputs require grad")
-    if inplace_state and initial_state is not None and not (q.shape[1] == 1 and cu_seqlens is None
-                                                             and backend == 'torch'):
-        # every other path builds a new state; copy it into the caller's (all checks have passed by now)
-        o, final = lola_attention(q, k, v, fq, fk, gate, window_size=window_size, cache_size=cache_size,
-                                  scale=scale, mix=mix, selection=selection, attention_mask=attention_mask,
-                                  cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=True,
-                                  backend=backend, validate=False)
-        for f in fields(final):
-            getattr(initial_state, f.name).copy_(getattr(final, f.name))
-        return o, initial_state
-    kwargs = dict(window_size=window_size, cache_size=cache_size, scale=scale, mix=mix, selection=selection,
-                  attention_mask=attention_mask, initial_state=initial_state, output_final_state=output_final_state)
-
-    if backend == 'naive':
-        return naive_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, validate=False, **kwargs)
+        return 'torch'
     if backend == 'triton':
         if needs_grad:
             raise ValueError("`backend`: 'triton' is inference-only; inputs require grad, use 'torch' "
@@ -121,8 +131,4 @@ def lola_attention(
         if selection not in TRITON_SELECTIONS:
             raise ValueError(f"`selection`: the triton backend implements {TRITON_SELECTIONS} only, "
                              f"got {selection!r}")
-        from fla_lola.kernels import triton_lola_attention
-        return triton_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
-    if q.shape[1] == 1 and cu_seqlens is None:
-        return decode_lola_attention(q, k, v, fq, fk, gate, inplace=inplace_state, **kwargs)
-    return chunk_lola_attention(q, k, v, fq, fk, gate, cu_seqlens=cu_seqlens, **kwargs)
+    return backend

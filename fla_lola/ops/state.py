@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, fields
 
 import torch
@@ -74,7 +75,7 @@ class LoLAState:
         def zeros(*shape, dt=dtype):
             return torch.zeros(*shape, dtype=dt, device=device)
 
-        return cls(
+        state = cls(
             h=zeros(N, H, feature_dim, value_dim, dt=acc),
             s=zeros(N, H, feature_dim, dt=acc),
             cache_k=zeros(N, H, L, head_dim),
@@ -86,6 +87,7 @@ class LoLAState:
             window_fk=zeros(N, H, W, feature_dim),
             seen=torch.zeros(N, dtype=torch.long, device=device),
         )
+        return state.mark_canonical()
 
     # -- dimensions ---------------------------------------------------------------------------
     @property
@@ -152,17 +154,47 @@ class LoLAState:
         pos = start[:, None] - eta + slot[None, :]
         return torch.where(self.window_valid, pos, torch.full_like(pos, -1))
 
+    # -- provenance ---------------------------------------------------------------------------
+    # Checking the canonical layout reads the whole cache (several times the cost of a decode step), so a state
+    # that a backend wrote, and that nobody touched since, skips it: ``mark_canonical`` records each field tensor
+    # and its version counter, which every in-place write (through a view too) increments. Replacing a field, or
+    # writing to one, makes the state unknown again and the next validated call checks it in full.
+    def mark_canonical(self) -> LoLAState:
+        """Record that the fields, as they are now, are in the canonical layout (backends call this on their
+        results). Inference-mode tensors carry no version counter: such a state is never recorded."""
+        try:
+            record = tuple((weakref.ref(t), t._version) for t in self._tensors())
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            record = None
+        self.__dict__['_canonical'] = record
+        return self
+
+    @property
+    def known_canonical(self) -> bool:
+        """Whether :meth:`mark_canonical` was called and no field was replaced or written in place since."""
+        record = self.__dict__.get('_canonical')
+        return record is not None and all(
+            ref() is t and version == t._version for (ref, version), t in zip(record, self._tensors()))
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     # -- helpers ------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """The state's size in bytes: depends on N, H, Hkv, D, Dv, F, η and λ only."""
         return sum(getattr(self, f.name).nbytes for f in fields(self))
 
     def clone(self) -> LoLAState:
-        return LoLAState(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+        return self._derived({f.name: getattr(self, f.name).clone() for f in fields(self)})
 
     def index_select(self, index: torch.Tensor) -> LoLAState:
         """Rows ``index`` of the state (beam reordering, batch selection)."""
-        return LoLAState(**{f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
+        return self._derived({f.name: getattr(self, f.name).index_select(0, index) for f in fields(self)})
+
+    def _derived(self, tensors: dict[str, torch.Tensor]) -> LoLAState:
+        """A state made of whole rows of this one: canonical where this one is known to be."""
+        state = LoLAState(**tensors)
+        return state.mark_canonical() if self.known_canonical else state
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
