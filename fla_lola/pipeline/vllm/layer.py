@@ -265,11 +265,12 @@ class LoLAMixer(MambaBase, nn.Module):
 
     def gather(self, slots: torch.Tensor, fresh: torch.Tensor) -> LoLAState:
         """The rows of ``slots`` as a ``LoLAState`` (a copy); rows that start a sequence come back empty."""
-        rows = {}
-        for name in STATE_FIELDS:
-            x = self.state_views[name].index_select(0, slots)
-            mask = fresh.view(-1, *([1] * (x.dim() - 1)))
-            rows[name] = x.masked_fill(mask, -1 if name == 'cache_pos' else 0)
+        rows = {name: self.state_views[name].index_select(0, slots) for name in STATE_FIELDS}
+        # on CPU, reading the mask back is free and most steps start no sequence; on an accelerator the reset runs
+        # unconditionally (in place on the gathered copy) rather than wait for the device
+        if fresh.device.type != 'cpu' or bool(fresh.any()):
+            for name, x in rows.items():
+                x.masked_fill_(fresh.view(-1, *([1] * (x.dim() - 1))), -1 if name == 'cache_pos' else 0)
         return LoLAState(**rows)
 
     def scatter(self, slots: torch.Tensor, state: LoLAState) -> None:
