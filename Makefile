@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 LOCK ?= requirements/lock-cpu.txt
-EXTRAS ?= test,examples
+EXTRAS ?= test,examples,eval
 PYTEST := HYPOTHESIS_PROFILE=ci python -m pytest -p no:cacheprovider
 # the tests that exercise transformers and fla (models, generate, registry, conversion, packaging)
 COMPAT_TESTS ?= tests/test_models.py tests/test_convert.py tests/test_cli.py tests/test_packaging.py

@@ -1,4 +1,5 @@
-"""``fla-lola``: convert a transformers checkpoint to LoLA, distill it, and test pass-key retrieval.
+"""``fla-lola``: convert a transformers checkpoint to LoLA, distill it, test pass-key retrieval, and evaluate it with
+lm-evaluation-harness.
 
 Every command exits 0 on success, and 2 with one line ``fla-lola: error: ...`` on bad input; a command that fails
 never leaves a half-written output directory.
@@ -27,6 +28,10 @@ examples:
 
   # pass-key retrieval with the model's own tokenizer: results.json + results.png
   fla-lola passkey ./lola-1b --lengths 1024 2048 4096 --depths 5 --out results
+
+  # lm-evaluation-harness (pip install 'fla-lola[eval]'): RULER's needle task at 4K and 8K, lm-eval's JSON in eval/
+  fla-lola eval ./lola-1b --tasks niah_single_1 --metadata '{"max_seq_lengths": [4096, 8192]}' \\
+      --max-length 8320 --batch-size 4 --output-path eval
 """
 
 
@@ -64,7 +69,14 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("src", help="teacher: transformers checkpoint directory")
     d.add_argument("out", help="new LoLA model directory (must not exist)")
-    d.add_argument("--data", nargs="+", required=True, help=".txt files (one document each) or .jsonl ('text')")
+    d.add_argument("--data", nargs="+", required=True,
+                   help=".txt files (one document each), .jsonl (one per line); with `datasets` ([eval] extra): "
+                        ".json, .parquet, .csv, .arrow (also .gz/.bz2/.xz), a save_to_disk directory, or a Hub "
+                        "dataset name owner/name[:config] in the local cache (HF_DATASETS_OFFLINE=1)")
+    d.add_argument("--text-field", default="text", help="the documents' field in .jsonl and datasets (default text)")
+    d.add_argument("--split", default="train", help="split of a DatasetDict directory or Hub dataset (default train)")
+    d.add_argument("--max-documents", type=int, default=None,
+                   help="read at most N documents (streamed: a large dataset is read no further)")
     lola_args(d)
     d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
@@ -85,6 +97,39 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--device", default=None, help="default: cuda if available")
     selection_arg(k, None, "for this run, on every LoLA layer (default: the model's own)")
+
+    e = sub.add_parser("eval", help="lm-evaluation-harness tasks on a model directory (needs the [eval] extra)",
+                       description="lm-eval's Hugging Face model class (HFLM, causal) on MODEL with fla_lola "
+                                   "registered; options as lm_eval's (underscored spellings accepted too)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", help="a model directory with its tokenizer (LoLA or any transformers causal LM)")
+    e.add_argument("--tasks", nargs="+", required=True,
+                   help="lm-eval task names or globs (space or comma separated), task YAML files, or a directory")
+    e.add_argument("--batch-size", "--batch_size", default="1", help="N, auto or auto:N (default 1)")
+    e.add_argument("--max-batch-size", "--max_batch_size", type=int, default=None, help="cap for auto (default 64)")
+    e.add_argument("--max-length", "--max_length", type=int, default=None,
+                   help="tokens per request (default: lm-eval's, the config's max_position_embeddings)")
+    e.add_argument("--device", default=None, help="default: cuda if available")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="default auto (the config's)")
+    e.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction); for testing")
+    e.add_argument("--num-fewshot", "--num_fewshot", type=int, default=None)
+    e.add_argument("--metadata", default=None,
+                   help="JSON object for the tasks, e.g. RULER's '{\"max_seq_lengths\": [4096], \"tokenizer\": ...}' "
+                        "(the tokenizer defaults to MODEL's)")
+    e.add_argument("--include-path", "--include_path", nargs="+", default=None,
+                   help="directories of local task YAMLs")
+    e.add_argument("--output-path", "--output_path", "-o", default=None,
+                   help="write lm-eval's results JSON (and samples) under this directory")
+    e.add_argument("--log-samples", "--log_samples", action="store_true",
+                   help="also write every example's inputs and outputs (needs --output-path)")
+    e.add_argument("--gen-kwargs", "--gen_kwargs", default=None, help="generation arguments, k=v,k=v")
+    e.add_argument("--apply-chat-template", "--apply_chat_template", action="store_true")
+    e.add_argument("--model-args", "--model_args", default=None,
+                   help="further HFLM arguments, k=v,k=v (e.g. add_bos_token=True)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: MODEL's)")
+    e.add_argument("--bootstrap-iters", "--bootstrap_iters", type=int, default=100000,
+                   help="bootstrap iterations for standard errors (0: none)")
     return p
 
 
@@ -101,7 +146,12 @@ def _convert(a) -> str:
 def _distill(a) -> str:
     from fla_lola.pipeline.checkpoint import distill_checkpoint
 
-    distill_checkpoint(a.src, a.out, a.data, window_size=a.window_size, cache_size=a.cache_size,
+    from fla_lola.pipeline.data import DataSources
+
+    if a.max_documents is not None and a.max_documents < 1:
+        raise ValueError(f"--max-documents must be positive, got {a.max_documents}")
+    data = DataSources(a.data, text_field=a.text_field, split=a.split, max_documents=a.max_documents)
+    distill_checkpoint(a.src, a.out, data, window_size=a.window_size, cache_size=a.cache_size,
                        feature_dim=a.feature_dim, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
                        lr=a.lr, save_every=a.save_every, resume=a.resume, dtype=a.dtype, seed=a.seed)
     return f"wrote {a.out}"
@@ -136,6 +186,42 @@ def _passkey(a) -> str:
     return f"wrote {a.out}.json, {a.out}.png ({acc})"
 
 
+def _eval(a) -> str:
+    import json
+
+    from fla_lola.pipeline.evaluate import evaluate, format_results
+
+    metadata = None
+    if a.metadata is not None:
+        try:
+            metadata = json.loads(a.metadata)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--metadata is not valid JSON ({e})") from None
+        if not isinstance(metadata, dict):
+            raise ValueError(f"--metadata must be a JSON object, got {a.metadata!r}")
+    batch_size = a.batch_size
+    if batch_size.isdigit() and int(batch_size) > 0:
+        batch_size = int(batch_size)
+    elif not (batch_size == "auto" or (batch_size.startswith("auto:") and batch_size[5:].isdigit())):
+        raise ValueError(f"--batch-size must be a positive integer, auto or auto:N, got {a.batch_size!r}")
+    limit = a.limit
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"--limit must be positive, got {a.limit}")
+        limit = int(limit) if limit >= 1 and limit == int(limit) else limit
+    if a.log_samples and a.output_path is None:
+        raise ValueError("--log-samples needs --output-path")
+    results = evaluate(a.model, a.tasks, tokenizer=a.tokenizer, batch_size=batch_size,
+                       max_batch_size=a.max_batch_size, max_length=a.max_length, device=a.device, dtype=a.dtype,
+                       limit=limit, num_fewshot=a.num_fewshot, metadata=metadata, include_path=a.include_path,
+                       output_path=a.output_path, log_samples=a.log_samples, gen_kwargs=a.gen_kwargs,
+                       apply_chat_template=a.apply_chat_template, bootstrap_iters=a.bootstrap_iters,
+                       model_args=a.model_args)
+    lines = [f"{a.model}: limit {limit}, num_fewshot {a.num_fewshot}, batch_size {batch_size}", format_results(results)]
+    lines += [f"wrote {f}" for f in results.get("output_files", [])]
+    return "\n".join(lines)
+
+
 ENV_PACKAGES = ("fla-lola", "torch", "transformers", "flash-linear-attention", "triton", "kernels", "accelerate")
 
 
@@ -162,7 +248,7 @@ def _env(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    run = {"convert": _convert, "distill": _distill, "env": _env, "passkey": _passkey}[args.command]
+    run = {"convert": _convert, "distill": _distill, "env": _env, "eval": _eval, "passkey": _passkey}[args.command]
     try:
         message = run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
