@@ -8,15 +8,21 @@ Two ways to the same numbers: on CPU, where reading the rows' token counts back 
 at one position and all take their token (the usual decode loop) read one contiguous slice of valid window slots,
 with no masks and no scatter; otherwise (CUDA, padding, rows at different positions) every row is masked on its
 own. ``tests/test_ops.py`` checks both against the naive reference.
+
+The stages: :func:`step_uniform` or :func:`step_masked` (write the token, read out), then at a boundary
+:func:`boundary_update` (select and fold) and :func:`shift_window` (``P`` becomes ``W``).
 """
+
 
 from __future__ import annotations
 
 import torch
 
 from fla_lola.ops.selection import select_and_fold
-from fla_lola.ops.state import LoLAState
+from fla_lola.ops.state import LoLAState, PairColumns, pack_memory, pack_pairs
 from fla_lola.ops.utils import EPS
+
+Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # window_k, window_v, window_fk of one call
 
 
 def decode_lola_attention(
@@ -43,106 +49,142 @@ def decode_lola_attention(
     returns that object; otherwise ``initial_state`` is left untouched and a new state comes back.
     """
     B, _, H, D = q.shape
-    Hkv, Dv, F = k.shape[2], v.shape[3], fq.shape[3]
-    eta, lam, grp = window_size, cache_size, H // k.shape[2]
-    dev = q.device
     inplace = inplace and initial_state is not None and output_final_state
-    st = initial_state if initial_state is not None else \
-        LoLAState.empty(B, H, Hkv, D, Dv, F, eta, lam, dtype=q.dtype, device=dev)
+    st = initial_state if initial_state is not None else LoLAState.empty(
+        B, H, k.shape[2], D, v.shape[3], fq.shape[3], window_size, cache_size, dtype=q.dtype, device=q.device)
     # the token goes into slot η + phase of the window; in place, the state's own window is the buffer, else a copy
-    wk, wv, wfk = (st.window_k, st.window_v, st.window_fk) if inplace else \
+    window = (st.window_k, st.window_v, st.window_fk) if inplace else \
         (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
-
-    def window_positions():  # [B, 2η]: slot j of the window holds absolute position (seen // η - 1)·η + j
-        return ((st.seen // eta - 1) * eta)[:, None] + torch.arange(2 * eta, device=dev)[None]
-
-    # the contiguous path (module docstring): on CPU only, where reading `seen` back does not stall a device
-    uniform = None
-    if not q.is_cuda and (attention_mask is None or bool(attention_mask.all())):
-        seen = st.seen.tolist()
-        uniform = seen[0] if all(x == seen[0] for x in seen) else None
-    if uniform is not None:
-        active, step = None, 1
-        phase = uniform % eta
-        slot = eta + phase
-        for buf, x in ((wk, k), (wv, v), (wfk, fk)):
-            buf[:, :, slot] = x[:, 0]
-        lo = 0 if uniform >= eta else eta  # W is valid once a chunk is complete; P up to this token
-        o = _read_out(q, fq, gate, wk[:, :, lo:slot + 1], wv[:, :, lo:slot + 1], None, st, scale, mix, lam)
-        boundary = torch.ones(B, dtype=torch.bool, device=dev) if phase + 1 == eta else None  # every row or none
+    position = uniform_position(st, q, attention_mask)
+    if position is not None:
+        o, boundary, active = step_uniform(q, k, v, fq, fk, gate, st, window, position, scale, mix)
     else:
-        active = None if attention_mask is None else attention_mask[:, 0] != 0
-        phase = st.seen % eta
-        step = 1 if active is None else active.long()  # tokens each row takes
-
-        # rows that take no token keep what their slot holds
-        rows, slot = torch.arange(B, device=dev), eta + phase
-        for buf, x in ((wk, k), (wv, v), (wfk, fk)):
-            buf[rows, :, slot] = x[:, 0] if active is None else \
-                torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
-        wpos = window_positions()                             # valid slots hold positions in [0, seen + step)
-        wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
-        o = _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam)
-        if active is not None:
-            o = torch.where(active[:, None, None, None], o, torch.zeros_like(o))
-        boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
-        if not bool(boundary.any()):
-            boundary = None
+        o, boundary, active = step_masked(q, k, v, fq, fk, gate, st, window, attention_mask, scale, mix)
     if not output_final_state:
         return o, None
 
-    h, s = st.h, st.s
-    ck, cv, cfk, cpos = st.cache_k, st.cache_v, st.cache_fk, st.cache_pos
-
-    def put(old, new, where):  # rows `where` take `new`: written into `old` in place, else a new tensor
-        if inplace:
-            return old.copy_(new) if everywhere else old.copy_(torch.where(where, new, old))
-        return new if everywhere else torch.where(where, new, old)
-
+    fields = dict(h=st.h, s=st.s, cache_k=st.cache_k, cache_v=st.cache_v, cache_fk=st.cache_fk,
+                  cache_pos=st.cache_pos)
     if boundary is not None:
-        if uniform is not None:
-            wpos = window_positions()
-        # rows with a previous chunk W: select from G ∪ W and fold the rest
-        sel = boundary & (st.seen >= eta)
-        if bool(sel.any()):
-            everywhere = bool(sel.all())
+        fields.update(boundary_update(st, window, boundary, selection, inplace))
+        window = shift_window(window, boundary, inplace)
+    step = 1 if active is None else active.long()  # tokens each row takes
+    if inplace:
+        st.seen.add_(step)
+        return o, st
+    return o, LoLAState(**fields, window_k=window[0], window_v=window[1], window_fk=window[2], seen=st.seen + step)
 
-            def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
-                return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
-            w_pos = wpos[:, :eta]                                                  # [B, η], all valid here
-            hs = torch.cat([h, s.unsqueeze(-1)], -1).reshape(B * H, F, Dv + 1)
-            w_valid = (w_pos >= 0).to(wv.dtype)[:, None, :, None].expand(B, Hkv, eta, 1)
-            w_pairs = torch.cat([heads(wk[:, :, :eta]), heads(torch.cat([wv[:, :, :eta], w_valid], -1)),
-                                 wfk[:, :, :eta].reshape(B * H, eta, F)], -1)
-            c_pairs = torch.cat([ck, cv, (cpos >= 0).unsqueeze(-1).to(cv.dtype), cfk], -1) \
-                .reshape(B * H, lam, D + Dv + 1 + F)
-            cand_pos = torch.cat([cpos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
-            new_hs, new_cache, new_pos = select_and_fold(
-                selection, lam, hs, torch.cat([c_pairs, w_pairs], 1), cand_pos,
-                torch.arange(H, device=dev).repeat(B), D)
-            u, u3 = sel[:, None, None, None], sel[:, None, None]
-            new_hs, new_cache = new_hs.view(B, H, F, Dv + 1), new_cache.view(B, H, lam, D + Dv + 1 + F)
-            h, s = put(h, new_hs[..., :-1], u), put(s, new_hs[..., -1], u3)
-            ck = put(ck, new_cache[..., :D], u)
-            cv = put(cv, new_cache[..., D:D + Dv], u)
-            cfk = put(cfk, new_cache[..., D + Dv + 1:], u)
-            cpos = put(cpos, new_pos.view(B, H, lam), u3)
-        # then W <- P and P <- ∅ (the window buffers are this call's own: the state's when in place, else copies)
-        b4 = boundary[:, None, None, None]
-        for x in (wk, wv, wfk):
-            if bool(boundary.all()):
+
+def uniform_position(st: LoLAState, q: torch.Tensor, attention_mask: torch.Tensor | None) -> int | None:
+    """The position every row's token takes, where all rows share one and all take a token; else ``None``. Only on
+    CPU (module docstring), where reading the rows' token counts back does not stall a device."""
+    if q.is_cuda or not (attention_mask is None or bool(attention_mask.all())):
+        return None
+    seen = st.seen.tolist()
+    return seen[0] if all(x == seen[0] for x in seen) else None
+
+
+def step_uniform(q, k, v, fq, fk, gate, st: LoLAState, window: Window, position: int, scale: float, mix: str):
+    """Every row writes its token at ``position`` and reads one contiguous slice of valid window slots: no masks,
+    no scatter. Returns ``(o, boundary, active)``: ``boundary`` all rows or ``None``; ``active`` ``None``."""
+    eta = st.window_size
+    phase = position % eta
+    slot = eta + phase
+    for buf, x in zip(window, (k, v, fk)):
+        buf[:, :, slot] = x[:, 0]
+    lo = 0 if position >= eta else eta  # W is valid once a chunk is complete; P up to this token
+    o = _read_out(q, fq, gate, window[0][:, :, lo:slot + 1], window[1][:, :, lo:slot + 1], None, st, scale, mix,
+                  st.cache_size)
+    boundary = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if phase + 1 == eta else None
+    return o, boundary, None
+
+
+def step_masked(q, k, v, fq, fk, gate, st: LoLAState, window: Window, attention_mask, scale: float, mix: str):
+    """Rows at any positions, some taking no token (``attention_mask``): each row writes and masks on its own.
+    Returns ``(o, boundary, active)``: ``boundary`` ``[B]`` or ``None`` when no row completes its chunk, ``active``
+    ``[B]`` (rows that take their token) or ``None`` for all."""
+    eta = st.window_size
+    active = None if attention_mask is None else attention_mask[:, 0] != 0
+    phase = st.seen % eta
+    step = 1 if active is None else active.long()
+    rows, slot = torch.arange(q.shape[0], device=q.device), eta + phase
+    for buf, x in zip(window, (k, v, fk)):  # rows that take no token keep what their slot holds
+        buf[rows, :, slot] = x[:, 0] if active is None else \
+            torch.where(active[:, None, None], x[:, 0], buf[rows, :, slot])
+    wpos = window_positions(st)                               # valid slots hold positions in [0, seen + step)
+    wvalid = (wpos >= 0) & (wpos < (st.seen + step)[:, None])
+    o = _read_out(q, fq, gate, window[0], window[1], wvalid, st, scale, mix, st.cache_size)
+    if active is not None:
+        o = torch.where(active[:, None, None, None], o, torch.zeros_like(o))
+    boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
+    return o, (boundary if bool(boundary.any()) else None), active
+
+
+def window_positions(st: LoLAState) -> torch.Tensor:
+    """``[B, 2η]``: slot ``j`` of the window holds absolute position ``(seen // η - 1)·η + j``."""
+    eta = st.window_size
+    return ((st.seen // eta - 1) * eta)[:, None] + torch.arange(2 * eta, device=st.device)[None]
+
+
+def boundary_update(st: LoLAState, window: Window, boundary: torch.Tensor, selection: str,
+                    inplace: bool) -> dict[str, torch.Tensor]:
+    """Rows at a boundary that have a previous chunk ``W`` select λ pairs of ``G ∪ W`` and fold the rest
+    (:func:`select_and_fold`). Returns the new ``h``, ``s`` and cache fields (written into the state's own tensors
+    when ``inplace``); empty when no row selects."""
+    sel = boundary & (st.seen >= st.window_size)
+    if not bool(sel.any()):
+        return {}
+    B, H, lam, eta = st.batch_size, st.num_heads, st.cache_size, st.window_size
+    grp, cols = H // st.num_kv_heads, PairColumns(st.head_dim, st.value_dim, st.feature_dim)
+    wk, wv, wfk = (x[:, :, :eta] for x in window)                                  # W, all valid here
+
+    def heads(x):  # [B, Hkv, η, d] -> [B*H, η, d]
+        return x.repeat_interleave(grp, dim=1).reshape(B * H, eta, x.shape[-1])
+    w_pos = window_positions(st)[:, :eta]                                            # [B, η]
+    w_pairs = pack_pairs(heads(wk), heads(wv), (w_pos >= 0).repeat_interleave(H, 0),
+                         wfk.reshape(B * H, eta, cols.F), wv.dtype)
+    c_pairs = pack_pairs(st.cache_k, st.cache_v, st.cache_pos >= 0, st.cache_fk, wv.dtype).reshape(B * H, lam,
+                                                                                                   cols.width)
+    cand_pos = torch.cat([st.cache_pos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
+    hs, cache, pos = select_and_fold(selection, lam, pack_memory(st).reshape(B * H, cols.F, cols.Dv + 1),
+                                     torch.cat([c_pairs, w_pairs], 1), cand_pos,
+                                     torch.arange(H, device=st.device).repeat(B), cols.D)
+    hs, cache = hs.view(B, H, cols.F, cols.Dv + 1), cache.view(B, H, lam, cols.width)
+    everywhere, u, u3 = bool(sel.all()), sel[:, None, None, None], sel[:, None, None]
+    return dict(h=put(st.h, hs[..., :-1], u, everywhere, inplace), s=put(st.s, hs[..., -1], u3, everywhere, inplace),
+                cache_k=put(st.cache_k, cache[..., cols.k], u, everywhere, inplace),
+                cache_v=put(st.cache_v, cache[..., cols.v], u, everywhere, inplace),
+                cache_fk=put(st.cache_fk, cache[..., cols.fk], u, everywhere, inplace),
+                cache_pos=put(st.cache_pos, pos.view(B, H, lam), u3, everywhere, inplace))
+
+
+def put(old: torch.Tensor, new: torch.Tensor, where: torch.Tensor, everywhere: bool, inplace: bool) -> torch.Tensor:
+    """Rows ``where`` (all rows when ``everywhere``) take ``new``: written into ``old`` when ``inplace``, else a new
+    tensor."""
+    if inplace:
+        return old.copy_(new) if everywhere else old.copy_(torch.where(where, new, old))
+    return new if everywhere else torch.where(where, new, old)
+
+
+def shift_window(window: Window, boundary: torch.Tensor, inplace: bool) -> Window:
+    """At a boundary ``W ← P`` and ``P ← ∅`` for rows ``boundary``. In place the buffers are the state's own; else
+    they are this call's copies, which the read-out may still need for its gradient: new tensors then."""
+    eta = window[0].shape[2] // 2
+    b4 = boundary[:, None, None, None]
+    everywhere = bool(boundary.all())
+    if inplace:
+        for x in window:
+            if everywhere:
                 x[:, :, :eta] = x[:, :, eta:]
                 x[:, :, eta:] = 0
             else:
                 x[:, :, :eta] = torch.where(b4, x[:, :, eta:], x[:, :, :eta])
                 x[:, :, eta:].masked_fill_(b4, 0)
-
-    if inplace:
-        st.seen.add_(step)
-        return o, st
-    final = LoLAState(h=h, s=s, cache_k=ck, cache_v=cv, cache_fk=cfk, cache_pos=cpos,
-                      window_k=wk, window_v=wv, window_fk=wfk, seen=st.seen + step)
-    return o, final
+        return window
+    if everywhere:
+        return tuple(torch.cat([x[:, :, eta:], torch.zeros_like(x[:, :, eta:])], 2) for x in window)
+    return tuple(torch.cat([torch.where(b4, x[:, :, eta:], x[:, :, :eta]), x[:, :, eta:].masked_fill(b4, 0)], 2)
+                 for x in window)
 
 
 def _read_out(q, fq, gate, wk, wv, wvalid, st, scale, mix, lam):

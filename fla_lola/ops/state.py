@@ -197,6 +197,52 @@ class LoLAState:
         return state.mark_canonical() if self.known_canonical else state
 
 
+@dataclass(frozen=True)
+class PairColumns:
+    """The packed pair row ``[k | v | 1 | φk]`` the torch backends share (chunk grid, cache, boundary candidates):
+    one tensor to concatenate and gather, and ``[v | 1]`` gives a numerator and its denominator in one product.
+    The ``1`` is 0 where a slot holds no pair. Each attribute slices the last dimension: ``x[..., cols.v1]``."""
+
+    D: int
+    Dv: int
+    F: int
+
+    @property
+    def width(self) -> int:
+        return self.D + self.Dv + 1 + self.F
+
+    @property
+    def k(self) -> slice:
+        return slice(0, self.D)
+
+    @property
+    def v(self) -> slice:
+        return slice(self.D, self.D + self.Dv)
+
+    @property
+    def v1(self) -> slice:
+        return slice(self.D, self.D + self.Dv + 1)
+
+    @property
+    def one(self) -> int:
+        return self.D + self.Dv
+
+    @property
+    def fk(self) -> slice:
+        return slice(self.D + self.Dv + 1, self.width)
+
+
+def pack_pairs(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, fk: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Pairs ``[..., n, ·]`` packed as rows ``[k | v | 1 | φk]`` (:class:`PairColumns`) in ``dtype``."""
+    return torch.cat([k.to(dtype), v.to(dtype), valid.unsqueeze(-1).to(dtype), fk.to(dtype)], -1)
+
+
+def pack_memory(state: LoLAState) -> torch.Tensor:
+    """The linear memory as ``[N, H, F, Dv+1]`` = ``[H | s]``: one product reads a numerator and its normalizer."""
+    return torch.cat([state.h, state.s.unsqueeze(-1)], -1)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
