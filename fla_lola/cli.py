@@ -146,14 +146,12 @@ def _convert(a) -> str:
 def _distill(a) -> str:
     from fla_lola.pipeline.checkpoint import distill_checkpoint
 
-    from fla_lola.pipeline.data import DataSources
-
     if a.max_documents is not None and a.max_documents < 1:
         raise ValueError(f"--max-documents must be positive, got {a.max_documents}")
-    data = DataSources(a.data, text_field=a.text_field, split=a.split, max_documents=a.max_documents)
-    distill_checkpoint(a.src, a.out, data, window_size=a.window_size, cache_size=a.cache_size,
+    distill_checkpoint(a.src, a.out, a.data, window_size=a.window_size, cache_size=a.cache_size,
                        feature_dim=a.feature_dim, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                       lr=a.lr, save_every=a.save_every, resume=a.resume, dtype=a.dtype, seed=a.seed)
+                       lr=a.lr, save_every=a.save_every, resume=a.resume, dtype=a.dtype, seed=a.seed,
+                       text_field=a.text_field, split=a.split, max_documents=a.max_documents)
     return f"wrote {a.out}"
 
 

@@ -18,7 +18,7 @@ datasets = pytest.importorskip("datasets", reason="the [eval] extra (datasets) i
 from test_cli import hub_model, run_cli  # noqa: E402,F401  (hub_model: the tiny teacher fixture)
 
 from fla_lola.pipeline import data  # noqa: E402
-from fla_lola.pipeline.data import DataError, DataSources, TokenChunks, iter_documents, read_documents  # noqa: E402
+from fla_lola.pipeline.data import DataError, TokenChunks, iter_documents, read_documents  # noqa: E402
 
 DOCS = [f"Document {i}: the grass is green, the sky is blue, and the magic number is {1000 + 7 * i}.\nSecond line."
         for i in range(12)]
@@ -60,8 +60,8 @@ def test_files_through_datasets_loaders_and_the_native_formats(tmp_path, monkeyp
     assert read_documents([tmp_path / "b.txt.bz2", tmp_path / "c.txt"]) == DOCS[:2]
     # several sources in the order given; blank documents dropped, as before
     (tmp_path / "blank.txt").write_text("  \n")
-    assert read_documents(DataSources([tmp_path / "c.txt", tmp_path / "blank.txt", tmp_path / "a.parquet"],
-                                      text_field="body")) == [DOCS[1], *DOCS]
+    assert read_documents([tmp_path / "c.txt", tmp_path / "blank.txt", tmp_path / "a.parquet"],
+                          text_field="body") == [DOCS[1], *DOCS]
     with pytest.raises(DataError, match="no field 'text'"):
         read_documents([tmp_path / "a.parquet"])
     # streamed: nothing was converted to Arrow in the datasets cache (a huge file is read, not copied)
@@ -77,7 +77,7 @@ def test_max_documents_reads_no_further(tmp_path):
     with pytest.raises(DataError, match="line 4: field 'text' is int, not text"):
         read_documents([tmp_path / "bad.jsonl"])
     (tmp_path / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad[:3]))
-    assert read_documents(DataSources([tmp_path / "good.jsonl", tmp_path / "ds"], max_documents=5)) == \
+    assert read_documents([tmp_path / "good.jsonl", tmp_path / "ds"], max_documents=5) == \
         [*DOCS[:3], json.dumps(bad[0]), json.dumps(bad[1])]  # the budget spans sources
 
     class Tokenizer:  # one token per character: rows of 8 tokens

@@ -296,11 +296,15 @@ def distill_checkpoint(
     dtype: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    text_field: str = "text",
+    split: str = "train",
+    max_documents: int | None = None,
 ):
     """Attention transfer (LoLCATs stage 1) of the teacher checkpoint ``src``; the student is saved to ``out``.
 
     The student is ``src`` converted (:func:`fla_lola.pipeline.convert.convert_to_lola`); its feature maps and mixing
-    logits are fitted to the teacher's attention outputs on ``data`` (text files, see :mod:`fla_lola.pipeline.data`) for
+    logits are fitted to the teacher's attention outputs on ``data`` (the ``--data`` sources of
+    :mod:`fla_lola.pipeline.data`, read with ``text_field``, ``split``, at most ``max_documents`` documents) for
     ``steps`` AdamW steps of ``batch_size`` sequences (the global batch: under ``accelerate launch`` each of the
     ``W`` processes takes ``batch_size / W`` of them). Every ``save_every`` steps the trainable tensors and the
     optimizer state go to ``checkpoint_dir`` (default ``OUT.ckpt``); ``resume=True`` continues from there and
@@ -341,7 +345,8 @@ def distill_checkpoint(
         raise ValueError(f"a checkpoint of an earlier run exists at {str(ckpt_file)!r}: pass --resume, or remove it")
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    chunks = TokenChunks(read_documents(data), tokenizer, seq_len)
+    chunks = TokenChunks(read_documents(data, text_field=text_field, split=split, max_documents=max_documents),
+                         tokenizer, seq_len)
     torch_dtype = DTYPES[dtype] if dtype else None
     teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch_dtype, attn_implementation="sdpa")
     student = convert_to_lola(teacher, seed=seed, window_size=window_size, cache_size=cache_size,

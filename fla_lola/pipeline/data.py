@@ -46,18 +46,6 @@ class DataError(ValueError):
     """A ``--data`` source that cannot be read: one line naming it."""
 
 
-class DataSources(list):
-    """The ``--data`` values (a list of them, so it goes wherever a list of paths goes) with how to read them:
-    ``text_field``, ``split`` and ``max_documents`` become :func:`read_documents`' defaults."""
-
-    def __init__(self, sources: Iterable, *, text_field: str = "text", split: str = "train",
-                 max_documents: int | None = None):
-        super().__init__(os.fspath(s) for s in sources)
-        self.text_field = text_field
-        self.split = split
-        self.max_documents = max_documents
-
-
 def _datasets(source: str, what: str):
     try:
         import datasets
@@ -175,22 +163,18 @@ def _read_source(source: str, text_field: str, split: str) -> Iterator[str]:
                             f"{type(e).__name__}: {e}".replace("\n", " ")) from None
 
 
-def iter_documents(paths, *, text_field: str | None = None, split: str | None = None) -> Iterator[str]:
+def iter_documents(paths, *, text_field: str = "text", split: str = "train") -> Iterator[str]:
     """The documents of the ``--data`` sources ``paths``, lazily and in order (see the module's docstring)."""
-    text_field = text_field or getattr(paths, "text_field", None) or "text"
-    split = split or getattr(paths, "split", None) or "train"
     for path in paths:
         for doc in _read_source(os.fspath(path), text_field, split):
             if doc.strip():
                 yield doc
 
 
-def read_documents(paths, *, text_field: str | None = None, split: str | None = None,
+def read_documents(paths, *, text_field: str = "text", split: str = "train",
                    max_documents: int | None = None) -> list[str]:
     """The documents of the ``--data`` sources ``paths`` (``ValueError`` naming a missing or unreadable one), at most
-    ``max_documents`` of them; a :class:`DataSources` gives the defaults of the keyword arguments."""
-    if max_documents is None:
-        max_documents = getattr(paths, "max_documents", None)
+    ``max_documents`` of them."""
     if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
         raise DataError(f"--max-documents must be a positive integer, got {max_documents!r}")
     return list(itertools.islice(iter_documents(paths, text_field=text_field, split=split), max_documents))
