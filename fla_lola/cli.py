@@ -40,10 +40,11 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def lola_args(q):
+    def lola_args(q, feature_dim=64, feature_dim_help="default 64"):
         q.add_argument("--window-size", type=int, required=True, help="η, the sliding window (and chunk) size")
         q.add_argument("--cache-size", type=int, required=True, help="λ, the sparse cache size")
-        q.add_argument("--feature-dim", type=int, default=64, help="f of the LoLCATs feature map (default 64)")
+        q.add_argument("--feature-dim", type=int, default=feature_dim,
+                       help=f"f of the LoLCATs feature map ({feature_dim_help})")
         q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="weights' dtype (default: the source's)")
 
@@ -56,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("src", help="transformers checkpoint directory (Llama, Mistral, Qwen2, Qwen3)")
     c.add_argument("out", help="new LoLA model directory (must not exist)")
-    lola_args(c)
+    lola_args(c, None, "default: the width of the --lolcats-attn / --lolcats-finetune feature maps, else 64")
     c.add_argument("--lolcats-attn", help="LoLCATs stage-1 checkpoint (.pt: feature maps, window factors)")
     c.add_argument("--lolcats-finetune", help="LoLCATs stage-2 checkpoint (.pt: peft LoRA on q/k/v/o), merged")
     c.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16, LoLCATs'); r is read "

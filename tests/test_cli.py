@@ -146,10 +146,11 @@ def test_lolcats_stage1_and_stage2_import_matches_peft_merge(hub_model, tmp_path
     teacher = teacher_of(hub_model)
     attn, finetune, merged, stage1 = lolcats_files(teacher, tmp_path, prefix, adapter)
     out = tmp_path / "lola"
-    assert run_cli("convert", hub_model, out, "--window-size", 8, "--cache-size", 4, "--feature-dim", 16,
+    # no --feature-dim: the width (16) is read from the stage-1 file, as LoRA's rank is
+    assert run_cli("convert", hub_model, out, "--window-size", 8, "--cache-size", 4,
                    "--lolcats-attn", attn, "--lolcats-finetune", finetune, "--lora-alpha", 16) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert loaded.config.mix == "lolcats"
+    assert loaded.config.mix == "lolcats" and loaded.config.feature_dim == 16
     # reference: peft's merge_and_unload, then the in-memory conversion and stage-1 import
     reference = convert_to_lola(merged, window_size=8, cache_size=4, feature_dim=16)
     load_lolcats_checkpoint(reference, {"model_state_dict": stage1})

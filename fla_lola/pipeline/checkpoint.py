@@ -19,14 +19,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fla_lola.pipeline.convert import LOLCATS_WINDOW_FACTOR_INIT, weight_map, lola_config_from, lolcats_feature_map_init
+from fla_lola.pipeline.convert import (LOLCATS_WINDOW_FACTOR_INIT, lola_config_from, lolcats_feature_map_init,
+                                       weight_map)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
@@ -72,10 +73,13 @@ class SourceCheckpoint:
 
 
 def _read_optional(path) -> dict:
+    """A LoLCATs checkpoint file's state dict (``{}`` for ``None``; a state dict read already passes through)."""
     from fla_lola.pipeline.lolcats import read_lolcats_checkpoint
 
     if path is None:
         return {}
+    if isinstance(path, Mapping):
+        return dict(path)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     return read_lolcats_checkpoint(str(path))
@@ -224,7 +228,7 @@ def convert_checkpoint(
     *,
     window_size: int,
     cache_size: int,
-    feature_dim: int = 64,
+    feature_dim: int | None = None,
     dtype: str | torch.dtype | None = None,
     lolcats_attn: str | os.PathLike | None = None,
     lolcats_finetune: str | os.PathLike | None = None,
@@ -237,7 +241,9 @@ def convert_checkpoint(
     """Convert the transformers checkpoint directory ``src`` into the LoLA model directory ``out``.
 
     Args:
-        window_size, cache_size, feature_dim, **lola: the LoLA settings (see :func:`fla_lola.pipeline.convert.lola_config_from`).
+        window_size, cache_size, feature_dim, **lola: the LoLA settings (see
+            :func:`fla_lola.pipeline.convert.lola_config_from`). ``feature_dim`` defaults to the width of the LoLCATs
+            feature maps given, else 64; one that disagrees with them is refused.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` (default: the source config's dtype, else float32).
         lolcats_attn: a LoLCATs stage-1 checkpoint (feature maps, window factors): loaded, and ``mix`` set to
             ``"lolcats"`` as it was trained.
@@ -252,6 +258,8 @@ def convert_checkpoint(
     """
     from transformers import AutoConfig
 
+    from fla_lola.pipeline.lolcats import lolcats_feature_dim
+
     check_source_dir(src)
     teacher_config = AutoConfig.from_pretrained(str(src))
     if isinstance(dtype, str):
@@ -263,6 +271,9 @@ def convert_checkpoint(
         dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else (source_dtype or torch.float32)
     if lolcats_attn is not None:
         lola.setdefault("mix", "lolcats")
+    lolcats_attn, lolcats_finetune = _read_optional(lolcats_attn) or None, _read_optional(lolcats_finetune) or None
+    if feature_dim is None:
+        feature_dim = lolcats_feature_dim(lolcats_attn or {}, lolcats_finetune or {}) or 64
     config = lola_config_from(teacher_config, window_size=window_size, cache_size=cache_size,
                               feature_dim=feature_dim, **lola)
     config.dtype = dtype

@@ -203,6 +203,16 @@ def check_lora_shapes(lora: dict[tuple[int, str], dict], shapes: Mapping[tuple[i
                              f"lora_A {tuple(entry['A'].shape)})")
 
 
+def lolcats_feature_dim(*state_dicts: Mapping[str, torch.Tensor]) -> int | None:
+    """The feature dimension ``f`` of the feature maps ``[H, D, f]`` in LoLCATs state dicts (stage 1, or a stage 2
+    that carries them); ``None`` where there are none. Maps of different widths raise ``ValueError``."""
+    widths = {m.shape[-1] for sd in state_dicts for entry in parse_lolcats_state_dict(sd)[0].values()
+              for name, m in entry.items() if name in ("q", "k")}
+    if len(widths) > 1:
+        raise ValueError(f"LoLCATs checkpoint has feature maps of different widths {sorted(widths)}")
+    return widths.pop() if widths else None
+
+
 def split_finetune_checkpoint(checkpoint) -> tuple[dict, dict]:
     """A stage-2 checkpoint as ``(lora, attention_transfer)`` state dicts; any other key is refused."""
     sd = read_lolcats_checkpoint(checkpoint)
