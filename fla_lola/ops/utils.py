@@ -84,6 +84,19 @@ def check_inputs(
     checked too (NaN/Inf, negative features, mask entries, gate range): one pass over the inputs, which a
     hot decode loop may skip once its inputs are known to be clean.
     """
+    check_tensors(q, k, v, fq, fk, gate)
+    scale = check_options(q.shape[3], window_size, cache_size, scale, mix, selection)
+    N = check_rows(q, attention_mask, cu_seqlens, validate)
+    if initial_state is not None:
+        check_state(initial_state, N, q.shape[2], k.shape[2], q.shape[3], v.shape[3], fq.shape[3], window_size,
+                    cache_size, q.dtype, q.device, validate=validate)
+    if validate:
+        check_values(q, k, v, fq, fk, gate)
+    return scale
+
+
+def check_tensors(q, k, v, fq, fk, gate) -> None:
+    """Types, ranks, dtypes, devices and shapes of the six input tensors."""
     for name, x in (('q', q), ('k', k), ('v', v), ('fq', fq), ('fk', fk)):
         if not isinstance(x, torch.Tensor):
             _fail(name, f"expected a torch.Tensor, got {type(x).__name__}")
@@ -103,7 +116,6 @@ def check_inputs(
         _fail('k', f"num_heads H={H} must be a multiple of num_kv_heads Hkv={Hkv}")
     if v.shape[:3] != (B, T, Hkv):
         _fail('v', f"expected shape [B={B}, T={T}, Hkv={Hkv}, Dv], got {tuple(v.shape)}")
-    F = fq.shape[3]
     if fq.shape[:3] != (B, T, H):
         _fail('fq', f"expected shape [B={B}, T={T}, H={H}, F], got {tuple(fq.shape)}")
     if fk.shape != fq.shape:
@@ -113,20 +125,29 @@ def check_inputs(
               f"{tuple(gate.shape) if isinstance(gate, torch.Tensor) else type(gate).__name__}")
     if not gate.is_floating_point() or gate.device != q.device:
         _fail('gate', f"expected a floating tensor on {q.device}, got {gate.dtype} on {gate.device}")
+
+
+def check_options(head_dim: int, window_size, cache_size, scale, mix, selection) -> float:
+    """η, λ, the scale (returned, ``head_dim ** -0.5`` by default), ``mix`` and ``selection``."""
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
         _fail('window_size', f"must be an int >= 1, got {window_size!r}")
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
         _fail('cache_size', f"must be an int >= 0, got {cache_size!r}")
     if scale is None:
-        scale = D ** -0.5
+        scale = head_dim ** -0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         _fail('scale', f"must be a finite float > 0, got {scale!r}")
     if mix not in MIXES:
         _fail('mix', f"must be one of {MIXES}, got {mix!r}")
     if selection not in SELECTIONS:
         _fail('selection', f"must be one of {SELECTIONS}, got {selection!r}")
+    return float(scale)
 
-    N = B
+
+def check_rows(q, attention_mask, cu_seqlens, validate: bool) -> int:
+    """``cu_seqlens`` or ``attention_mask`` (its entries and padding sides only with ``validate``); returns the
+    number of independent rows ``N`` (batch rows, or packed sequences)."""
+    B, T = q.shape[:2]
     if cu_seqlens is not None:
         if attention_mask is not None:
             _fail('cu_seqlens', "cannot be combined with attention_mask")
@@ -138,7 +159,7 @@ def check_inputs(
         cu = cu_seqlens.long().cpu()
         if cu[0] != 0 or cu[-1] != T or bool((cu[1:] < cu[:-1]).any()):
             _fail('cu_seqlens', f"must start at 0, never decrease and end at T={T}, got {cu.tolist()}")
-        N = cu.numel() - 1
+        return cu.numel() - 1
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
             _fail('attention_mask', f"expected shape [B={B}, T={T}], got "
@@ -146,36 +167,38 @@ def check_inputs(
         if attention_mask.device != q.device:
             _fail('attention_mask', f"device {attention_mask.device} differs from q's device {q.device}")
         if validate:
-            m = attention_mask
-            if not bool(((m == 0) | (m == 1)).all()):
-                _fail('attention_mask', "entries must be 0 or 1")
-            valid = (m != 0).long()
-            # one contiguous block of ones touching the start (right padding) or the end (left padding)
-            changes = (valid[:, 1:] != valid[:, :-1]).sum(1)
-            left = (changes <= 1) & ((valid[:, -1] == 1) | (changes == 0))
-            right = (changes <= 1) & ((valid[:, 0] == 1) | (changes == 0))
-            if not bool((left | right).all()):
-                _fail('attention_mask', "each row must be left- or right-padded (one contiguous block of ones)")
+            check_padding(attention_mask)
+    return B
 
-    if initial_state is not None:
-        check_state(initial_state, N, H, Hkv, D, v.shape[3], F, window_size, cache_size, q.dtype, q.device,
-                    validate=validate)
 
-    if validate:
-        for name, x in (('q', q), ('k', k), ('v', v), ('fq', fq), ('fk', fk), ('gate', gate)):
-            if x.numel() == 0:
-                continue
-            # one reduction pass instead of an elementwise isfinite (16x slower on CPU): aminmax propagates NaN,
-            # so any NaN or Inf in x shows up in its min or max
-            lo, hi = (float(t) for t in torch.aminmax(x.detach()))
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                _fail(name, "contains NaN or Inf")
-            if name in ('fq', 'fk') and lo < 0:
-                _fail(name, "features must be non-negative (the output of a feature map such as softmax)")
-        if not bool(((gate > 0) & (gate < 1)).all()):
-            _fail('gate', f"mixing weights must lie in (0, 1), got min {gate.min().item():.4g}, "
-                  f"max {gate.max().item():.4g}")
-    return float(scale)
+def check_padding(m: torch.Tensor) -> None:
+    """Mask entries are 0/1 and each row is left- or right-padded."""
+    if not bool(((m == 0) | (m == 1)).all()):
+        _fail('attention_mask', "entries must be 0 or 1")
+    valid = (m != 0).long()
+    # one contiguous block of ones touching the start (right padding) or the end (left padding)
+    changes = (valid[:, 1:] != valid[:, :-1]).sum(1)
+    left = (changes <= 1) & ((valid[:, -1] == 1) | (changes == 0))
+    right = (changes <= 1) & ((valid[:, 0] == 1) | (changes == 0))
+    if not bool((left | right).all()):
+        _fail('attention_mask', "each row must be left- or right-padded (one contiguous block of ones)")
+
+
+def check_values(q, k, v, fq, fk, gate) -> None:
+    """No NaN/Inf anywhere, non-negative features, γ in (0, 1)."""
+    for name, x in (('q', q), ('k', k), ('v', v), ('fq', fq), ('fk', fk), ('gate', gate)):
+        if x.numel() == 0:
+            continue
+        # one reduction pass instead of an elementwise isfinite (16x slower on CPU): aminmax propagates NaN, so
+        # any NaN or Inf in x shows up in its min or max
+        lo, hi = (float(t) for t in torch.aminmax(x.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            _fail(name, "contains NaN or Inf")
+        if name in ('fq', 'fk') and lo < 0:
+            _fail(name, "features must be non-negative (the output of a feature map such as softmax)")
+    if not bool(((gate > 0) & (gate < 1)).all()):
+        _fail('gate', f"mixing weights must lie in (0, 1), got min {gate.min().item():.4g}, "
+              f"max {gate.max().item():.4g}")
 
 
 def check_state(state: LoLAState, N, H, Hkv, D, Dv, F, window_size, cache_size, dtype, device, validate=True):
