@@ -29,7 +29,7 @@ examples:
   # pass-key retrieval with the model's own tokenizer: results.json + results.png
   fla-lola passkey ./lola-1b --lengths 1024 2048 4096 --depths 5 --out results
 
-  # lm-evaluation-harness (pip install 'fla-lola[eval]'): RULER's needle task at 4K and 8K, lm-eval's JSON in eval/
+  # lm-evaluation-harness (pip install '.[eval]'): RULER's needle task at 4K and 8K, lm-eval's JSON in eval/
   fla-lola eval ./lola-1b --tasks niah_single_1 --metadata '{"max_seq_lengths": [4096, 8192]}' \\
       --max-length 8320 --batch-size 4 --output-path eval
 """

@@ -134,7 +134,7 @@ def test_missing_datasets_is_a_clear_error(tmp_path, monkeypatch):
         with pytest.raises(DataError) as e:
             read_documents([source])
         assert str(e.value).startswith(f"--data {str(source)!r}") and what in str(e.value)
-        assert "`datasets`" in str(e.value) and "pip install 'fla-lola[eval]'" in str(e.value)
+        assert "`datasets`" in str(e.value) and "pip install '.[eval]'" in str(e.value)
     with pytest.raises(DataError, match="does not exist"):
         read_documents([tmp_path / "none.parquet"])
 

@@ -15,8 +15,8 @@ Sources (``--data``), read in the order given:
   (``HF_DATASETS_OFFLINE=1``) from the local `datasets` cache, where an earlier ``load_dataset`` left it.
 
 Empty documents (blank, or a null field) are dropped. ``max_documents`` stops reading after that many documents, so
-a huge source is never materialized: only what is read is held. `datasets` is optional (``pip install
-'fla-lola[eval]'``); only the last three kinds need it.
+a huge source is never materialized: only what is read is held. `datasets` is optional (the ``[eval]``
+extra); only the last three kinds need it.
 
 :class:`TokenChunks` tokenizes each document, ends it with the tokenizer's EOS token, concatenates them and cuts the
 stream into rows of ``seq_len`` tokens (the remainder is dropped; with ``max_rows``, reading stops once that many rows
@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-EXTRA = "pip install 'fla-lola[eval]'"
+EXTRA = "the [eval] extra: pip install '.[eval]' in the fla-lola checkout"
 COMPRESSIONS = (".gz", ".bz2", ".xz")
 # file suffix -> `datasets` packaged loader (compressed variants included); plain .txt / .jsonl are read natively
 LOADERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}

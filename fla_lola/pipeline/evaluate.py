@@ -12,7 +12,7 @@ arguments, e.g. RULER's ``max_seq_lengths``), ``lm_eval.simple_evaluate``, and i
 As ``lm_eval``'s command line does, the model's arguments go into the task metadata, so RULER's synthetic tasks size
 their documents with the model's own tokenizer unless ``metadata`` names another (``{"tokenizer": ...}``).
 
-lm-eval is optional (``pip install 'fla-lola[eval]'``); the library core never imports this module.
+lm-eval is optional (``pip install '.[eval]'``); the library core never imports this module.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import glob
 import os
 from pathlib import Path
 
-EXTRA = "pip install 'fla-lola[eval]'"
+EXTRA = "the [eval] extra: pip install '.[eval]' in the fla-lola checkout"
 
 
 def _require_lm_eval():

