@@ -7,7 +7,10 @@ No grid, no concatenation that grows with T: the token is written into its P slo
 Two ways to the same numbers: on CPU, where reading the rows' token counts back costs nothing, rows that all sit
 at one position and all take their token (the usual decode loop) read one contiguous slice of valid window slots,
 with no masks and no scatter; otherwise (CUDA, padding, rows at different positions) every row is masked on its
-own. ``tests/test_ops.py`` checks both against the naive reference.
+own. On CUDA (:func:`sync_free`) a step also never reads a device value on the host: the boundary update runs for
+every row and ``torch.where`` keeps it where a row completes its chunk, so a step never waits for the GPU and can
+be captured in a CUDA graph. ``tests/test_ops.py`` checks the paths against the naive reference, and
+``tests/test_models.py`` the sync-free one forced on CPU.
 
 The stages: :func:`step_uniform` or :func:`step_masked` (write the token, read out), then at a boundary
 :func:`boundary_update` (select and fold) and :func:`shift_window` (``P`` becomes ``W``).
@@ -18,11 +21,23 @@ from __future__ import annotations
 
 import torch
 
-from fla_lola.ops.selection import select_and_fold
+from fla_lola.ops.selection import select_and_fold, selection_scores, take_rows
 from fla_lola.ops.state import LoLAState, PairColumns, pack_memory, pack_pairs
 from fla_lola.ops.utils import EPS
 
 Window = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # window_k, window_v, window_fk of one call
+
+# None: the sync-free path on CUDA (``q.is_cuda``), the fast branching one elsewhere; True / False force one path on
+# any device (tests force the CUDA path on CPU to count its host syncs and fix its shapes).
+SYNC_FREE: bool | None = None
+
+
+def sync_free(q: torch.Tensor) -> bool:
+    """Whether a step on ``q``'s device takes the path that never reads a device value on the host: every row masked
+    on its own, the boundary update computed for every row and kept by ``torch.where`` (no ``bool(t.any())``), so
+    the step never waits for the device, creates tensors of data-independent shapes only, and can be captured in a
+    CUDA graph. It pays a selection per step instead of one per η steps."""
+    return q.is_cuda if SYNC_FREE is None else SYNC_FREE
 
 
 def decode_lola_attention(
@@ -55,19 +70,20 @@ def decode_lola_attention(
     # the token goes into slot η + phase of the window; in place, the state's own window is the buffer, else a copy
     window = (st.window_k, st.window_v, st.window_fk) if inplace else \
         (st.window_k.clone(), st.window_v.clone(), st.window_fk.clone())
-    position = uniform_position(st, q, attention_mask)
+    free = sync_free(q)
+    position = None if free else uniform_position(st, q, attention_mask)
     if position is not None:
         o, boundary, active = step_uniform(q, k, v, fq, fk, gate, st, window, position, scale, mix)
     else:
-        o, boundary, active = step_masked(q, k, v, fq, fk, gate, st, window, attention_mask, scale, mix)
+        o, boundary, active = step_masked(q, k, v, fq, fk, gate, st, window, attention_mask, scale, mix, free)
     if not output_final_state:
         return o, None
 
     fields = dict(h=st.h, s=st.s, cache_k=st.cache_k, cache_v=st.cache_v, cache_fk=st.cache_fk,
                   cache_pos=st.cache_pos)
     if boundary is not None:
-        fields.update(boundary_update(st, window, boundary, selection, inplace))
-        window = shift_window(window, boundary, inplace)
+        fields.update(boundary_update(st, window, boundary, selection, inplace, free))
+        window = shift_window(window, boundary, inplace, free)
     step = 1 if active is None else active.long()  # tokens each row takes
     if inplace:
         st.seen.add_(step)
@@ -99,10 +115,11 @@ def step_uniform(q, k, v, fq, fk, gate, st: LoLAState, window: Window, position:
     return o, boundary, None
 
 
-def step_masked(q, k, v, fq, fk, gate, st: LoLAState, window: Window, attention_mask, scale: float, mix: str):
+def step_masked(q, k, v, fq, fk, gate, st: LoLAState, window: Window, attention_mask, scale: float, mix: str,
+                free: bool = False):
     """Rows at any positions, some taking no token (``attention_mask``): each row writes and masks on its own.
-    Returns ``(o, boundary, active)``: ``boundary`` ``[B]`` or ``None`` when no row completes its chunk, ``active``
-    ``[B]`` (rows that take their token) or ``None`` for all."""
+    Returns ``(o, boundary, active)``: ``boundary`` ``[B]`` or ``None`` when no row completes its chunk (``free``:
+    always ``[B]``, never read on the host), ``active`` ``[B]`` (rows that take their token) or ``None`` for all."""
     eta = st.window_size
     active = None if attention_mask is None else attention_mask[:, 0] != 0
     phase = st.seen % eta
@@ -117,7 +134,7 @@ def step_masked(q, k, v, fq, fk, gate, st: LoLAState, window: Window, attention_
     if active is not None:
         o = torch.where(active[:, None, None, None], o, torch.zeros_like(o))
     boundary = phase + 1 == eta if active is None else active & (phase + 1 == eta)
-    return o, (boundary if bool(boundary.any()) else None), active
+    return o, (boundary if free or bool(boundary.any()) else None), active
 
 
 def window_positions(st: LoLAState) -> torch.Tensor:
@@ -127,12 +144,13 @@ def window_positions(st: LoLAState) -> torch.Tensor:
 
 
 def boundary_update(st: LoLAState, window: Window, boundary: torch.Tensor, selection: str,
-                    inplace: bool) -> dict[str, torch.Tensor]:
+                    inplace: bool, free: bool = False) -> dict[str, torch.Tensor]:
     """Rows at a boundary that have a previous chunk ``W`` select λ pairs of ``G ∪ W`` and fold the rest
     (:func:`select_and_fold`). Returns the new ``h``, ``s`` and cache fields (written into the state's own tensors
-    when ``inplace``); empty when no row selects."""
+    when ``inplace``); empty when no row selects. ``free`` (:func:`sync_free`): every row selects and folds, and
+    ``torch.where`` keeps the result for the rows ``sel`` only; nothing is read on the host."""
     sel = boundary & (st.seen >= st.window_size)
-    if not bool(sel.any()):
+    if not free and not bool(sel.any()):
         return {}
     B, H, lam, eta = st.batch_size, st.num_heads, st.cache_size, st.window_size
     grp, cols = H // st.num_kv_heads, PairColumns(st.head_dim, st.value_dim, st.feature_dim)
@@ -146,16 +164,40 @@ def boundary_update(st: LoLAState, window: Window, boundary: torch.Tensor, selec
     c_pairs = pack_pairs(st.cache_k, st.cache_v, st.cache_pos >= 0, st.cache_fk, wv.dtype).reshape(B * H, lam,
                                                                                                    cols.width)
     cand_pos = torch.cat([st.cache_pos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
-    hs, cache, pos = select_and_fold(selection, lam, pack_memory(st).reshape(B * H, cols.F, cols.Dv + 1),
-                                     torch.cat([c_pairs, w_pairs], 1), cand_pos,
-                                     torch.arange(H, device=st.device).repeat(B), cols.D)
+    hs, cache, pos = (select_and_fold_masked if free else select_and_fold)(
+        selection, lam, pack_memory(st).reshape(B * H, cols.F, cols.Dv + 1), torch.cat([c_pairs, w_pairs], 1),
+        cand_pos, torch.arange(H, device=st.device).repeat(B), cols.D)
     hs, cache = hs.view(B, H, cols.F, cols.Dv + 1), cache.view(B, H, lam, cols.width)
-    everywhere, u, u3 = bool(sel.all()), sel[:, None, None, None], sel[:, None, None]
+    everywhere, u, u3 = (False if free else bool(sel.all())), sel[:, None, None, None], sel[:, None, None]
     return dict(h=put(st.h, hs[..., :-1], u, everywhere, inplace), s=put(st.s, hs[..., -1], u3, everywhere, inplace),
                 cache_k=put(st.cache_k, cache[..., cols.k], u, everywhere, inplace),
                 cache_v=put(st.cache_v, cache[..., cols.v], u, everywhere, inplace),
                 cache_fk=put(st.cache_fk, cache[..., cols.fk], u, everywhere, inplace),
                 cache_pos=put(st.cache_pos, pos.view(B, H, lam), u3, everywhere, inplace))
+
+
+def select_and_fold_masked(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor,
+                           pos: torch.Tensor, head: torch.Tensor, head_dim: int):
+    """:func:`select_and_fold` without its one host read (whether every kept slot is valid): the empty slots are
+    zeroed by a multiply whatever they hold, which changes nothing where all are valid (``x · 1 == x``). The same
+    steps otherwise, so the same numbers (``tests/test_models.py`` pins it)."""
+    D, Dv1 = head_dim, hs.shape[-1]
+    if cache_size == 0:
+        return select_and_fold(selection, cache_size, hs, pairs, pos, head, head_dim)
+    valid = pos >= 0
+    C = pos.shape[1]
+    with torch.no_grad():
+        scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head, None)
+    scores = scores.masked_fill(~valid, float('-inf'))
+    order = torch.sort(-scores, dim=1, stable=True).indices
+    top, rest = order[:, :cache_size], order[:, cache_size:]
+    folded = take_rows(pairs, rest).to(hs.dtype)
+    hs = torch.baddbmm(hs, folded[..., D + Dv1:].transpose(1, 2), folded[..., D:D + Dv1])
+    top_valid = valid.gather(1, top)
+    top = top.gather(1, torch.where(top_valid, top, top + C).argsort(dim=1))
+    top_valid = valid.gather(1, top)
+    cache = take_rows(pairs, top) * top_valid.unsqueeze(-1).to(pairs.dtype)
+    return hs, cache, torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
 
 
 def put(old: torch.Tensor, new: torch.Tensor, where: torch.Tensor, everywhere: bool, inplace: bool) -> torch.Tensor:
@@ -166,12 +208,12 @@ def put(old: torch.Tensor, new: torch.Tensor, where: torch.Tensor, everywhere: b
     return new if everywhere else torch.where(where, new, old)
 
 
-def shift_window(window: Window, boundary: torch.Tensor, inplace: bool) -> Window:
+def shift_window(window: Window, boundary: torch.Tensor, inplace: bool, free: bool = False) -> Window:
     """At a boundary ``W ← P`` and ``P ← ∅`` for rows ``boundary``. In place the buffers are the state's own; else
     they are this call's copies, which the read-out may still need for its gradient: new tensors then."""
     eta = window[0].shape[2] // 2
     b4 = boundary[:, None, None, None]
-    everywhere = bool(boundary.all())
+    everywhere = False if free else bool(boundary.all())
     if inplace:
         for x in window:
             if everywhere:
