@@ -123,14 +123,20 @@ def decode_step_syncs(backend, exclude):
     return prefill, decode
 
 
-def test_decode_step_through_the_model_never_waits_for_the_device():
-    """One decode step (after prefill) through the model makes no GPU -> CPU sync: the prefill validated the
-    sequence's inputs, the rotary table is sized from the cache's host-side count. Counted on CPU by patching the
-    syncing calls; the torch backend's own single-token step is excluded: on CUDA a decode step takes the Triton
-    kernel (see tests/test_triton.py for that path), the torch step branches on whether a boundary was reached."""
-    from fla_lola.ops import lola as op_module
+@pytest.fixture
+def cuda_decode_path(monkeypatch):
+    """The torch backend's decode step takes the path it takes on CUDA (``fla_lola.ops.decode.sync_free``)."""
+    from fla_lola.ops import decode
 
-    prefill, decode = decode_step_syncs('torch', exclude=[(op_module, 'decode_lola_attention')])
+    monkeypatch.setattr(decode, 'SYNC_FREE', True)
+
+
+def test_decode_step_through_the_model_never_waits_for_the_device(cuda_decode_path):
+    """One decode step (after prefill) through the model makes no GPU -> CPU sync: the prefill validated the
+    sequence's inputs, the rotary table is sized from the cache's host-side count, and the torch backend's step
+    takes its CUDA path (forced here on CPU), which computes the boundary update with masks instead of branching on
+    host-read booleans. Counted on CPU by patching the syncing calls; the step crosses a boundary in one row."""
+    prefill, decode = decode_step_syncs('torch', exclude=())
     assert sum(prefill.values()) > 0       # the counter sees the prefill's validation
     assert not decode, dict(decode)
 
@@ -656,3 +662,112 @@ def test_default_config_runs_on_cpu():
     model = LoLAForCausalLM(config)
     x = tokens(1, 70) % 128
     assert math.isfinite(model(x, labels=x).loss.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the torch backend's decode step on its CUDA path (sync-free, fixed shapes: what a CUDA graph needs), on CPU
+# ---------------------------------------------------------------------------------------------------------------
+def decode_problem(seed=0, B=3, H=4, Hkv=2, eta=4, lam=3, T=15, selection='sre', dtype=torch.float64):
+    """A padded prefill of ``T - 4`` tokens then 4 single-token calls, rows at different positions (one crosses a
+    boundary at each of several steps); returns the problem, its mask and the prefill's state."""
+    from lola_problems import make_problem, padding_mask
+
+    from fla_lola import lola_attention
+
+    p = make_problem(seed, B=B, T=T, H=H, Hkv=Hkv, D=5, Dv=3, F=6, window_size=eta, cache_size=lam,
+                     selection=selection, dtype=dtype)
+    mask = padding_mask(T, [1.0, 0.6, 0.3][:B], left=True)
+    if B > 2:
+        mask[2] = 0
+        mask[2, :T - 2] = 1                                            # a row that takes no token in the last steps
+    _, state = lola_attention(*p.slice(0, T - 4), **p.options, attention_mask=mask[:, :T - 4], backend='torch',
+                              output_final_state=True)
+    return p, mask, state
+
+
+@pytest.mark.parametrize('inplace', [False, True])
+@pytest.mark.parametrize('selection', ['sre', 'loo'])
+def test_cuda_decode_path_makes_no_host_sync_and_equals_the_reference(cuda_decode_path, selection, inplace):
+    """Each of 4 decode steps (boundaries included) makes no syncing call, and outputs and the final state equal
+    one naive call on the whole sequence."""
+    from lola_problems import assert_states_equal
+
+    from fla_lola import lola_attention, naive_lola_attention
+
+    p, mask, state = decode_problem(selection=selection)
+    T = p.q.shape[1]
+    o_ref, s_ref = naive_lola_attention(*p.tensors, **p.options, attention_mask=mask, output_final_state=True)
+    outs = []
+    for t in range(T - 4, T):
+        with torch.no_grad(), count_host_syncs() as syncs:
+            o, state = lola_attention(*p.slice(t, t + 1), **p.options, attention_mask=mask[:, t:t + 1],
+                                      initial_state=state, output_final_state=True, backend='torch', validate=False,
+                                      inplace_state=inplace)
+        assert not syncs, (t, dict(syncs))
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 1), o_ref[:, T - 4:], **EXACT)
+    assert_states_equal(state, s_ref)
+
+
+def created_shapes(fn):
+    """``(op, output shapes)`` of every ATen op ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append((str(func), [tuple(x.shape) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]))
+            return out
+
+    with Record() as record:
+        fn()
+    return record.ops
+
+
+def test_cuda_decode_path_creates_the_same_shapes_whatever_the_data(cuda_decode_path):
+    """Steps at a boundary and not, with and without padded rows, with different data: the same ops create tensors
+    of the same shapes (no data-dependent shape, what CUDA graph capture and torch.compile need)."""
+    from fla_lola import lola_attention
+
+    p, mask, state = decode_problem()
+    T = p.q.shape[1]
+    runs = []
+    for t in range(T - 4, T):
+        for m in (mask[:, t:t + 1], torch.ones_like(mask[:, t:t + 1])):
+            runs.append(created_shapes(lambda: lola_attention(
+                *p.slice(t, t + 1), **p.options, attention_mask=m, initial_state=state.clone(),
+                output_final_state=True, backend='torch', validate=False, inplace_state=True)))
+    assert len(runs[0]) > 20
+    assert all(r == runs[0] for r in runs[1:])
+
+
+def test_cuda_decode_path_compiles_without_graph_breaks(cuda_decode_path):
+    """``torch.compile(fullgraph=True)`` of one in-place decode step (the layer's call) traces with no graph break
+    and equals eager, at a boundary step and at one that is not."""
+    from lola_problems import assert_states_equal
+
+    from fla_lola.ops.decode import decode_lola_attention
+
+    p, mask, state = decode_problem(dtype=torch.float32)
+    T = p.q.shape[1]
+    kw = dict(window_size=p.window_size, cache_size=p.cache_size, scale=5 ** -0.5, mix=p.mix, selection=p.selection,
+              initial_state=None, output_final_state=True, inplace=True)
+
+    def step(q, k, v, fq, fk, gate, m, st):
+        return decode_lola_attention(q, k, v, fq, fk, gate, attention_mask=m, **{**kw, 'initial_state': st})[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for t in range(T - 4, T):
+        args = (*p.slice(t, t + 1), mask[:, t:t + 1])
+        eager_state, compiled_state = state.clone(), state.clone()
+        o_eager = step(*args, eager_state)
+        o_compiled = compiled(*args, compiled_state)
+        torch.testing.assert_close(o_compiled, o_eager, atol=1e-5, rtol=1e-5)
+        assert_states_equal(compiled_state, eager_state, atol=1e-5, rtol=1e-5)
+        state = eager_state
