@@ -39,33 +39,42 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fla-lola", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_convert_args, _distill_args, _env_args, _passkey_args, _eval_args):
+        add(sub)
+    return p
 
-    def lola_args(q, feature_dim=64, feature_dim_help="default 64"):
-        q.add_argument("--window-size", type=int, required=True, help="η, the sliding window (and chunk) size")
-        q.add_argument("--cache-size", type=int, required=True, help="λ, the sparse cache size")
-        q.add_argument("--feature-dim", type=int, default=feature_dim,
-                       help=f"f of the LoLCATs feature map ({feature_dim_help})")
-        q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                       help="weights' dtype (default: the source's)")
 
-    def selection_arg(q, default, what):
-        q.add_argument("--selection", choices=SELECTIONS, default=default,
-                       help=f"cache selection score {what}: sre (self-recall error), loo (leave-one-out), or the "
-                            "ablations recency, value_norm, random")
+def _lola_args(q, feature_dim=64, feature_dim_help="default 64"):
+    q.add_argument("--window-size", type=int, required=True, help="η, the sliding window (and chunk) size")
+    q.add_argument("--cache-size", type=int, required=True, help="λ, the sparse cache size")
+    q.add_argument("--feature-dim", type=int, default=feature_dim,
+                   help=f"f of the LoLCATs feature map ({feature_dim_help})")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: the source's)")
 
+
+def _selection_arg(q, default, what):
+    q.add_argument("--selection", choices=SELECTIONS, default=default,
+                   help=f"cache selection score {what}: sre (self-recall error), loo (leave-one-out), or the "
+                        "ablations recency, value_norm, random")
+
+
+def _convert_args(sub) -> None:
     c = sub.add_parser("convert", help="transformers checkpoint dir -> LoLA model dir", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("src", help="transformers checkpoint directory (Llama, Mistral, Qwen2, Qwen3)")
     c.add_argument("out", help="new LoLA model directory (must not exist)")
-    lola_args(c, None, "default: the width of the --lolcats-attn / --lolcats-finetune feature maps, else 64")
+    _lola_args(c, None, "default: the width of the --lolcats-attn / --lolcats-finetune feature maps, else 64")
     c.add_argument("--lolcats-attn", help="LoLCATs stage-1 checkpoint (.pt: feature maps, window factors)")
     c.add_argument("--lolcats-finetune", help="LoLCATs stage-2 checkpoint (.pt: peft LoRA on q/k/v/o), merged")
     c.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default 16, LoLCATs'); r is read "
                    "from the tensors")
     c.add_argument("--seed", type=int, default=0, help="seed of the initial feature maps")
     c.add_argument("--max-shard-size", type=int, default=2 * 2**30, help="bytes per safetensors shard")
-    selection_arg(c, "sre", "stored in the config (default sre)")
+    _selection_arg(c, "sre", "stored in the config (default sre)")
 
+
+def _distill_args(sub) -> None:
     d = sub.add_parser("distill", help="attention transfer (LoLCATs stage 1) on local text", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("src", help="teacher: transformers checkpoint directory")
@@ -78,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="train", help="split of a DatasetDict directory or Hub dataset (default train)")
     d.add_argument("--max-documents", type=int, default=None,
                    help="read at most N documents (streamed: a large dataset is read no further)")
-    lola_args(d)
+    _lola_args(d)
     d.add_argument("--steps", type=int, default=1000)
     d.add_argument("--batch-size", type=int, default=8, help="global batch (split over processes)")
     d.add_argument("--seq-len", type=int, default=1024)
@@ -87,8 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     d.add_argument("--seed", type=int, default=0)
 
+
+def _env_args(sub) -> None:
     sub.add_parser("env", help="import the package and print the versions it runs with (for bug reports)")
 
+
+def _passkey_args(sub) -> None:
     k = sub.add_parser("passkey", help="pass-key retrieval (RULER single needle): JSON + PNG", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("model", help="a model directory with its tokenizer (LoLA or any causal LM)")
@@ -97,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", default="passkey", help="writes OUT.json and OUT.png (default passkey)")
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--device", default=None, help="default: cuda if available")
-    selection_arg(k, None, "for this run, on every LoLA layer (default: the model's own)")
+    _selection_arg(k, None, "for this run, on every LoLA layer (default: the model's own)")
 
+
+def _eval_args(sub) -> None:
     e = sub.add_parser("eval", help="lm-evaluation-harness tasks on a model directory (needs the [eval] extra)",
                        description="lm-eval's Hugging Face model class (HFLM, causal) on MODEL with fla_lola "
                                    "registered; options as lm_eval's (underscored spellings accepted too)",
@@ -131,7 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: MODEL's)")
     e.add_argument("--bootstrap-iters", "--bootstrap_iters", type=int, default=100000,
                    help="bootstrap iterations for standard errors (0: none)")
-    return p
 
 
 def _convert(a) -> str:

@@ -14,44 +14,18 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fla_lola  # noqa: F401  (registers model_type "lola")
-from fla_lola.cli import main
 from fla_lola.pipeline.convert import convert_to_lola
 from fla_lola.pipeline.distill import lola_layers
 from fla_lola.pipeline.lolcats import load_lolcats_checkpoint, lolcats_state_dict
-
-CORPUS = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-          "One of the special magic numbers for harbor is: 1234567. What is the special magic number? "
-          "0 1 2 3 4 5 6 7 8 9 ") * 4
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-
-
-def build_tokenizer():
-    """A byte-level BPE trained offline on a tiny corpus, wrapped as transformers saves real tokenizers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>")
-
+from tiny_hub import CORPUS, build_tokenizer, run_cli, tiny_llama3_config
 
 @pytest.fixture(scope="module")
 def hub_model(tmp_path_factory):
     """A random Llama-3-style checkpoint directory: llama3 RoPE, GQA, tied embeddings, safetensors, tokenizer."""
     path = tmp_path_factory.mktemp("hub") / "tiny-llama3"
     tokenizer = build_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_parameters=dict(LLAMA3),
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(tiny_llama3_config(tokenizer)).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -63,10 +37,6 @@ def teacher_of(path):
 
 def ids(T=96, vocab=64):
     return torch.randint(3, vocab, (2, T), generator=torch.Generator().manual_seed(1))
-
-
-def run_cli(*args):
-    return main([str(a) for a in args])
 
 
 def test_console_script_help_shows_examples():

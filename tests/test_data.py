@@ -15,7 +15,8 @@ import torch
 
 datasets = pytest.importorskip("datasets", reason="the [eval] extra (datasets) is not installed")
 
-from test_cli import hub_model, run_cli  # noqa: E402,F401  (hub_model: the tiny teacher fixture)
+from test_cli import hub_model  # noqa: E402,F401  (the tiny teacher fixture)
+from tiny_hub import run_cli  # noqa: E402
 
 from fla_lola.pipeline import data  # noqa: E402
 from fla_lola.pipeline.data import DataError, TokenChunks, iter_documents, read_documents  # noqa: E402

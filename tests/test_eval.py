@@ -17,7 +17,7 @@ import transformers
 
 pytest.importorskip("lm_eval", reason="the [eval] extra (lm-evaluation-harness) is not installed")
 
-from test_cli import CORPUS, LLAMA3, build_tokenizer, run_cli  # noqa: E402
+from tiny_hub import CORPUS, build_tokenizer, run_cli, tiny_llama3_config  # noqa: E402
 
 from fla_lola.pipeline.checkpoint import convert_checkpoint  # noqa: E402
 from fla_lola.pipeline.evaluate import evaluate  # noqa: E402
@@ -56,13 +56,8 @@ def dirs(tmp_path_factory):
     """The teacher (Hub layout), its conversions at λ ≥ T and at λ = 0, and a local task (YAML + JSONL)."""
     root = tmp_path_factory.mktemp("eval")
     tokenizer = build_tokenizer()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_parameters=dict(LLAMA3),
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    teacher = transformers.LlamaForCausalLM(config)
+    teacher = transformers.LlamaForCausalLM(tiny_llama3_config(tokenizer, max_position_embeddings=2048))
     with torch.no_grad():  # peaked attention, as trained models have (random init's is near uniform)
         for layer in teacher.model.layers:
             layer.self_attn.q_proj.weight.mul_(4)

@@ -32,10 +32,8 @@ import transformers  # noqa: E402
 from fla_lola import LoLAForCausalLM  # noqa: E402
 from fla_lola.pipeline.convert import convert_to_lola  # noqa: E402
 from fla_lola.pipeline.vllm.layer import LoLAMixer  # noqa: E402
+from tiny_hub import LLAMA3, build_tokenizer  # noqa: E402
 
-CORPUS = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-          "One of the special magic numbers for harbor is: 1234567. What is the special magic number? "
-          "0 1 2 3 4 5 6 7 8 9 ") * 4
 PROMPT_LENGTHS = (26, 33, 45, 58, 77, 101)   # all > λ + 2η, none a multiple of η: chunks split everywhere
 NEW_TOKENS = 10
 ENGINE = dict(dtype="float32", max_model_len=512, enable_prefix_caching=False)
@@ -44,25 +42,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # engines in this
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def build_tokenizer():
-    """A byte-level BPE trained offline on a tiny corpus (as tests/test_cli.py builds it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>")
-
-
 TEACHERS = {
     # name: (transformers config class, config fields, LoLA settings)
-    "llama3": (transformers.LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64, "rope_theta": 500000.0}), dict(window_size=8, cache_size=8)),
+    "llama3": (transformers.LlamaConfig, dict(num_key_value_heads=2, tie_word_embeddings=True,
+                                              rope_parameters=dict(LLAMA3)), dict(window_size=8, cache_size=8)),
     "qwen3-loo": (transformers.Qwen3Config, dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
                                                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
                                                                   "original_max_position_embeddings": 128}),
