@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fla_lola.ops.selection import select_and_fold, selection_scores, take_rows
+from fla_lola.ops.selection import select_and_fold
 from fla_lola.ops.state import LoLAState, PairColumns, pack_memory, pack_pairs
 from fla_lola.ops.utils import EPS
 
@@ -164,9 +164,9 @@ def boundary_update(st: LoLAState, window: Window, boundary: torch.Tensor, selec
     c_pairs = pack_pairs(st.cache_k, st.cache_v, st.cache_pos >= 0, st.cache_fk, wv.dtype).reshape(B * H, lam,
                                                                                                    cols.width)
     cand_pos = torch.cat([st.cache_pos.reshape(B * H, lam), w_pos.repeat_interleave(H, 0)], 1)
-    hs, cache, pos = (select_and_fold_masked if free else select_and_fold)(
-        selection, lam, pack_memory(st).reshape(B * H, cols.F, cols.Dv + 1), torch.cat([c_pairs, w_pairs], 1),
-        cand_pos, torch.arange(H, device=st.device).repeat(B), cols.D)
+    hs, cache, pos = select_and_fold(selection, lam, pack_memory(st).reshape(B * H, cols.F, cols.Dv + 1),
+                                     torch.cat([c_pairs, w_pairs], 1), cand_pos,
+                                     torch.arange(H, device=st.device).repeat(B), cols.D, sync_free=free)
     hs, cache = hs.view(B, H, cols.F, cols.Dv + 1), cache.view(B, H, lam, cols.width)
     everywhere, u, u3 = (False if free else bool(sel.all())), sel[:, None, None, None], sel[:, None, None]
     return dict(h=put(st.h, hs[..., :-1], u, everywhere, inplace), s=put(st.s, hs[..., -1], u3, everywhere, inplace),
@@ -174,30 +174,6 @@ def boundary_update(st: LoLAState, window: Window, boundary: torch.Tensor, selec
                 cache_v=put(st.cache_v, cache[..., cols.v], u, everywhere, inplace),
                 cache_fk=put(st.cache_fk, cache[..., cols.fk], u, everywhere, inplace),
                 cache_pos=put(st.cache_pos, pos.view(B, H, lam), u3, everywhere, inplace))
-
-
-def select_and_fold_masked(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor,
-                           pos: torch.Tensor, head: torch.Tensor, head_dim: int):
-    """:func:`select_and_fold` without its one host read (whether every kept slot is valid): the empty slots are
-    zeroed by a multiply whatever they hold, which changes nothing where all are valid (``x · 1 == x``). The same
-    steps otherwise, so the same numbers (``tests/test_models.py`` pins it)."""
-    D, Dv1 = head_dim, hs.shape[-1]
-    if cache_size == 0:
-        return select_and_fold(selection, cache_size, hs, pairs, pos, head, head_dim)
-    valid = pos >= 0
-    C = pos.shape[1]
-    with torch.no_grad():
-        scores = selection_scores(selection, hs, pairs[..., D:D + Dv1 - 1], pairs[..., D + Dv1:], pos, head, None)
-    scores = scores.masked_fill(~valid, float('-inf'))
-    order = torch.sort(-scores, dim=1, stable=True).indices
-    top, rest = order[:, :cache_size], order[:, cache_size:]
-    folded = take_rows(pairs, rest).to(hs.dtype)
-    hs = torch.baddbmm(hs, folded[..., D + Dv1:].transpose(1, 2), folded[..., D:D + Dv1])
-    top_valid = valid.gather(1, top)
-    top = top.gather(1, torch.where(top_valid, top, top + C).argsort(dim=1))
-    top_valid = valid.gather(1, top)
-    cache = take_rows(pairs, top) * top_valid.unsqueeze(-1).to(pairs.dtype)
-    return hs, cache, torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
 
 
 def put(old: torch.Tensor, new: torch.Tensor, where: torch.Tensor, everywhere: bool, inplace: bool) -> torch.Tensor:

@@ -69,7 +69,7 @@ def leave_one_out_recall(hs: torch.Tensor, fk: torch.Tensor, v: torch.Tensor,
 
 
 def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: torch.Tensor, pos: torch.Tensor,
-                    head: torch.Tensor, head_dim: int, total: torch.Tensor | None = None):
+                    head: torch.Tensor, head_dim: int, total: torch.Tensor | None = None, sync_free: bool = False):
     """One boundary for ``M`` memories whose candidates ``G ∪ W`` are given in ascending position order.
 
     Args:
@@ -81,6 +81,9 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
         head_dim: ``D``, where the packed value starts.
         total: for "loo", optionally ``[M, F, Dv+1]`` the memory plus every candidate (see
             :func:`leave_one_out_recall`); ignored by the other scores.
+        sync_free: never read a device value on the host (the CUDA decode step): the empty slots of the new cache
+            are zeroed by a multiply whatever they hold instead of after checking whether there are any (``x · 1 ==
+            x``: the same numbers).
 
     Returns:
         ``(hs, cache, cache_pos)``: the memory after folding and the new cache ``[M, λ, D + Dv + 1 + F]``
@@ -108,7 +111,7 @@ def select_and_fold(selection: str, cache_size: int, hs: torch.Tensor, pairs: to
     top = top.gather(1, torch.where(top_valid, top, top + C).argsort(dim=1))
     top_valid = valid.gather(1, top)
     cache = take_rows(pairs, top)
-    if not bool(top_valid.all()):  # fewer than λ candidates: the empty slots hold zeros
+    if sync_free or not bool(top_valid.all()):  # fewer than λ candidates: the empty slots hold zeros
         cache = cache * top_valid.unsqueeze(-1).to(cache.dtype)
     return hs, cache, torch.where(top_valid, pos.gather(1, top), torch.full_like(top, -1))
 
