@@ -137,3 +137,22 @@ lock-vllm:
 	rm -rf .venv-vllm-lock
 
 .PHONY: test-vllm lock-vllm
+
+# The prepared GPU run (docs/gpu.md, benchmarks/gpu_check.py). Here, with network: `make gpu-wheels` downloads what
+# the GPU machine lacks (fla at the lock's versions for Python 3.12, and the build backend for installing this package
+# offline) into .gpu-wheels/, carried along with the tree. There: `make gpu-check` installs them with pip --no-index
+# --no-deps (torch untouched) and runs every stage within GPU_CHECK_BUDGET seconds, results in GPU_CHECK_OUT.
+GPU_WHEELS ?= .gpu-wheels
+GPU_CHECK_BUDGET ?= 510
+GPU_CHECK_OUT ?= out/gpu_check
+GPU_PYTHON ?= python3
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d $(GPU_WHEELS) \
+		$$(grep -iE '^(fla-core|flash-linear-attention)==' $(LOCK)) "setuptools>=77" wheel
+	ls -l $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --budget $(GPU_CHECK_BUDGET) --out $(GPU_CHECK_OUT) --wheels $(GPU_WHEELS)
+
+.PHONY: gpu-wheels gpu-check

@@ -114,12 +114,17 @@ def compile_case(arch, limit, dtype, H, Hkv, D, F, eta, lam, selection, T):
     kw = dict(window_size=eta, cache_size=lam, scale=D ** -0.5, mix='lola', selection=selection, attention_mask=None)
     case = dict(dtype=str(dtype).removeprefix('torch.'), H=H, Hkv=Hkv, D=D, Dv=D, F=F, window_size=eta,
                 cache_size=lam, selection=selection)
+    from fla_lola import LoLAState
+
+    def fields(state):  # the state's tensors only (what a kernel reads), without bookkeeping such as its layout mark
+        return LoLAState(**{n: x for n, x in vars(state).items() if isinstance(x, torch.Tensor)})
+    empty = fields(LoLAState.empty(1, H, Hkv, D, D, F, eta, lam, dtype=dtype))
     with compile_only(arch) as compiled:
         try:
-            _, state = chunk_lola_fwd(q, k, v, fq, fk, gate, cu_seqlens=None, initial_state=None,
+            _, state = chunk_lola_fwd(q, k, v, fq, fk, gate, cu_seqlens=None, initial_state=empty,
                                       output_final_state=True, **kw)
             one = [x[:, :1] for x in (q, k, v, fq, fk)]
-            decode_lola_fwd(*one, gate, initial_state=state, output_final_state=True, **kw)
+            decode_lola_fwd(*one, gate, initial_state=fields(state), output_final_state=True, **kw)
         except Exception as e:  # a compile error names the kernel, line and cause
             return [dict(case, kernel=None, error=f'{type(e).__name__}: {e}'[-1500:])]
     return [dict(case, kernel=name, config=config, shared_bytes=kernel.metadata.shared,
