@@ -149,7 +149,7 @@ GPU_PYTHON ?= python3
 gpu-wheels:
 	mkdir -p $(GPU_WHEELS)
 	python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d $(GPU_WHEELS) \
-		$$(grep -iE '^(fla-core|flash-linear-attention)==' $(LOCK)) "setuptools>=77" wheel
+		$$(grep -iE '^(fla-core|flash-linear-attention)==' $(LOCK)) "setuptools>=77" wheel packaging
 	ls -l $(GPU_WHEELS)
 
 gpu-check:
