@@ -243,11 +243,12 @@ def make_inputs(c, device, B=1, T=None):
 
 
 def run_case(c, backend, xs, device):
-    """Outputs ``[.., T, H, Dv]`` of ``backend`` on ``xs`` as the case says (``naive``: on CPU, in xs' dtype)."""
+    """Outputs ``[.., T, H, Dv]`` of ``backend`` on ``xs`` as the case says (``naive``: the reference loop, in xs'
+    dtype, on ``device`` too: on a GPU its per-token loop takes a fraction of a second where the CPU takes ~10 s)."""
     import torch
 
     from fla_lola import lola_attention, naive_lola_attention
-    dev = 'cpu' if backend == 'naive' else device
+    dev = device
     xs = [x.to(dev) for x in xs]
     kw = dict(window_size=c['eta'], cache_size=c['lam'], selection=c['sel'])
 
@@ -329,7 +330,7 @@ def cuda_graph_case(c, device):
         state_diff = max((getattr(captured, k) - x).abs().max().item() if x.is_floating_point() else
                          float((getattr(captured, k) != x).any())
                          for k, x in vars(eager).items() if isinstance(x, torch.Tensor))
-    ok = worst == 0 and state_diff == 0
+    ok = worst <= 1e-5 and state_diff <= 1e-5          # the same kernels replayed: equal up to library choices
     return ('pass' if ok else 'fail'), dict(max_error=worst, state_max_error=state_diff,
                                             error=None if ok else 'replay differs from eager')
 
@@ -346,8 +347,13 @@ def stage_correctness(out: Path, smoke: bool):
         t0 = time.perf_counter()
         try:
             xs = inputs_of(c)
-            ref = run_case(c, 'naive', [x.double() for x in xs], device).double()
-            own = (run_case(c, 'naive', xs, device).double() - ref).abs().max().item() \
+            try:
+                ref = run_case(c, 'naive', [x.double() for x in xs], device).double().cpu()
+                ref_device = device
+            except Exception:  # noqa: BLE001  (the reference on CPU then: slower, same numbers)
+                ref_device = 'cpu'
+                ref = run_case(c, 'naive', [x.double() for x in xs], 'cpu').double()
+            own = (run_case(c, 'naive', xs, ref_device).double().cpu() - ref).abs().max().item() \
                 if c['dtype'] != 'float64' else 0.0
         except Exception as e:  # noqa: BLE001
             emit(out, stage, name, 'fail', time.perf_counter() - t0, backend='naive',
