@@ -11,7 +11,8 @@ Triton's compiler and its bundled ``ptxas``, exactly as a GPU run would compile 
 read. Prints, per kernel and config, the shared memory a block needs (Hopper allows 232,448 bytes; a config over
 it is one the autotuner drops on the GPU), registers per thread and bytes spilled (``ptxas -v``), and compile
 seconds (in a fresh Triton cache unless ``--keep-cache``), with, per call (λ, selection), the total over the configs
-it may autotune over against the ≤ 60 s target (met/MISSED). Exit status 1 if a kernel fails to compile or none of its configs fits in shared memory.
+it may autotune over against the ≤ 60 s target (met/MISSED). Exit status 1 if a kernel fails to compile or none
+of its configs fits in shared memory.
 
 Why it exists: the first run on an H200 (2026-11-30) met two faults the interpreter (``TRITON_INTERPRET=1``, how CI
 checks the kernels' numbers) cannot see, since it runs the kernels as Python: a kernel that did not compile when
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
     totals = {}
     for r in rows:
         if r['kernel']:
-            totals[(r['cache_size'], r['selection'])] = totals.get((r['cache_size'], r['selection']), 0) + r['compile_s']
+            key = (r['cache_size'], r['selection'])
+            totals[key] = totals.get(key, 0) + r['compile_s']
     print(f"\ncompile seconds for sm_{args.arch} (this CPU, fresh cache: {not args.keep_cache}); target: the configs "
           f"one call may autotune over compile in ≤ {args.compile_budget:.0f} s")
     for (lam, selection), total in totals.items():
