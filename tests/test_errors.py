@@ -129,8 +129,8 @@ def test_a_state_off_the_canonical_layout_is_refused_naming_the_field(backend, f
 def test_validation_rereads_only_a_state_that_changed(monkeypatch):
     """A state a backend returned skips the layout check of the next validated call (that check reads the whole cache,
     several times a decode step's work). Any write to a field, in place or through a view, or a replaced field brings
-    the full check back, and so do a state assembled by hand, one made in inference mode, and the result of an
-    unvalidated call on a state nobody vouched for."""
+    the full check back, and so do a state assembled by hand from copies, one made in inference mode, and the result
+    of an unvalidated call on a state nobody vouched for."""
     import fla_lola.ops.utils as utils
 
     calls = []
@@ -157,7 +157,9 @@ def test_validation_rereads_only_a_state_that_changed(monkeypatch):
     replaced = state.clone()
     replaced.h = replaced.h.clone()
     assert layout_checks(replaced) == 1
-    assert layout_checks(LoLAState(**{f.name: getattr(state, f.name) for f in fields(state)})) == 1
+    # assembled by hand: from the very tensors, untouched, it is the state that was vouched for; from copies, not
+    assert layout_checks(LoLAState(**{f.name: getattr(state, f.name) for f in fields(state)})) == 0
+    assert layout_checks(LoLAState(**{f.name: getattr(state, f.name).clone() for f in fields(state)})) == 1
     with torch.inference_mode():
         _, inference = lola_attention(*P.tensors, **P.options, output_final_state=True)
     assert layout_checks(inference) == 1

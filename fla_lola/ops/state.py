@@ -158,7 +158,8 @@ class LoLAState:
     # Checking the canonical layout reads the whole cache (several times the cost of a decode step), so a state
     # that a backend wrote, and that nobody touched since, skips it: ``mark_canonical`` records each field tensor
     # and its version counter, which every in-place write (through a view too) increments. Replacing a field, or
-    # writing to one, makes the state unknown again and the next validated call checks it in full.
+    # writing to one, makes the state unknown again and the next validated call checks it in full. The record hangs
+    # on the ``seen`` tensor, not on the dataclass, so ``vars(state)`` stays exactly the fields.
     def mark_canonical(self) -> LoLAState:
         """Record that the fields, as they are now, are in the canonical layout (backends call this on their
         results). Inference-mode tensors carry no version counter: such a state is never recorded."""
@@ -166,13 +167,13 @@ class LoLAState:
             record = tuple((weakref.ref(t), t._version) for t in self._tensors())
         except RuntimeError:  # "Inference tensors do not track version counter"
             record = None
-        self.__dict__['_canonical'] = record
+        self.seen._fla_lola_canonical = record
         return self
 
     @property
     def known_canonical(self) -> bool:
         """Whether :meth:`mark_canonical` was called and no field was replaced or written in place since."""
-        record = self.__dict__.get('_canonical')
+        record = getattr(self.seen, '_fla_lola_canonical', None)
         return record is not None and all(
             ref() is t and version == t._version for (ref, version), t in zip(record, self._tensors()))
 
