@@ -27,6 +27,9 @@ define import_check
 	cd / && $(abspath $(1))/bin/python -m fla_lola.cli env
 endef
 
+# the lower bound of a main dependency in pyproject.toml (its first mention: the extras may pin other ranges)
+lower_bound = $(shell sed -n 's/.*"$(1)>=\([0-9.]*\).*/\1/p' pyproject.toml | head -n 1)
+
 define install
 	python3 -m venv $(1)
 	grep -v '^#' $(LOCK) | grep -ivE '^($(FREE))==' > $(1)/constraints.txt
@@ -70,8 +73,8 @@ test-newest:
 
 test-oldest:
 	rm -rf .venv-oldest
-	$(call install,.venv-oldest,"transformers==$(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)" \
-		"flash-linear-attention==$(shell sed -n 's/.*"flash-linear-attention>=\([0-9.]*\).*/\1/p' pyproject.toml)")
+	$(call install,.venv-oldest,"transformers==$(call lower_bound,transformers)" \
+		"flash-linear-attention==$(call lower_bound,flash-linear-attention)")
 	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^($(FREE)) '
 	$(call import_check,.venv-oldest)
 	PATH="$(abspath .venv-oldest)/bin:$$PATH" $(PYTEST) -m "not triton" $(COMPAT_TESTS)
