@@ -95,8 +95,8 @@ class Grid:
     ``grid`` ``[N, Hkv, grp, (S+2)·η, E]`` holds each slot's pair as a row ``[k | v | 1 | φk]`` per query head (the
     ``1`` is 0 at invalid slots); it covers the grid chunks ``g0 .. g0 + S + 1`` of the current segment (``S`` query
     chunks; all ``C`` of them but in the uniform layout without autograd). ``pairs`` views it ``[M, S+2, η, E]``.
-    ``kvalid`` ``[N, (C+2)·η]`` says which slots of the whole grid hold a pair, ``kpos`` ``[M, C+2, η]`` their
-    positions (``-1`` where empty) per memory.
+    ``kvalid`` ``[N, (C+2)·η]`` says which slots of the whole grid hold a pair (``kval`` ``[M, C+2, η]``: per
+    memory), ``kpos`` ``[M, C+2, η]`` their positions (``-1`` where empty) per memory.
     """
 
     def __init__(self, q, k, v, fq, fk, state: LoLAState, rows: Rows, eta: int):
@@ -115,6 +115,7 @@ class Grid:
         pos = (state.seen // eta - 1)[:, None] * eta + g_idx[None]                # absolute position of each slot
         pos = torch.where(self.kvalid, pos, torch.full_like(pos, -1))
         self.kpos = pos.repeat_interleave(self.H, dim=0).view(self.M, C + 2, eta)     # [M, C+2, η] per memory
+        self.kval = self.kvalid.repeat_interleave(self.H, dim=0).view(self.M, C + 2, eta)
         self.g0 = 0
 
     def per_group(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +146,8 @@ class Grid:
     def boundary_rows(self) -> torch.Tensor:
         """``[M, C]``: which memories update at the boundary after each chunk (complete chunk, W exists)."""
         eta, C = self.eta, self.num_chunks
-        kval = self.kvalid.repeat_interleave(self.H, dim=0).view(self.M, C + 2, eta)
         row_end = self.end.repeat_interleave(self.H)
-        return (row_end[:, None] >= torch.arange(1, C + 1, device=self.device)[None] * eta) & kval[:, :C, 0]
+        return (row_end[:, None] >= torch.arange(1, C + 1, device=self.device)[None] * eta) & self.kval[:, :C, 0]
 
     def final_windows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The final state's ``window_k``, ``window_v``, ``window_fk``: the grid chunks ``W``, ``P`` around each row's
@@ -311,8 +311,6 @@ class ChunkAttention:
                                   torch.ones(eta, eta, dtype=torch.bool, device=dev).tril()], 1)  # [η, 2η]
         # baddbmm's ignored input (beta=0): scaled logits in one op
         self.logits = torch.empty(grid.M, eta, 2 * eta + cache_size, dtype=grid.acc, device=dev)
-        if mix == 'lolcats':
-            self.kval = grid.kvalid.repeat_interleave(grid.H, dim=0).view(grid.M, grid.num_chunks + 2, eta)
 
     def __call__(self, c: int, memory: PackedMemory) -> torch.Tensor:
         """``[M, n, Dv]``: the outputs of query chunk ``c``'s ``n`` queries."""
@@ -363,7 +361,7 @@ class ChunkAttention:
     def _softmax_lolcats(self, c, lo, n, s_w, s_g, memory):
         """mix="lolcats": empty slots and future keys masked with -inf; a query that sees no key gets m = 0."""
         grid, v1 = self.grid, self.grid.cols.v1
-        hidden = self.hidden[lo:lo + n] | ~self.kval[:, c:c + 2].reshape(grid.M, 1, 2 * grid.eta)
+        hidden = self.hidden[lo:lo + n] | ~grid.kval[:, c:c + 2].reshape(grid.M, 1, 2 * grid.eta)
         s_w = s_w.masked_fill_(hidden, float('-inf'))
         m = s_w.amax(-1)
         if s_g is not None:
